@@ -1,0 +1,1 @@
+"""pf-sweep: sharpness-aware training sweeps."""
