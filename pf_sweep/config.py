@@ -1,0 +1,299 @@
+"""``TrialConfig``: every knob of one trial, validated when it is built.
+
+Configuration is data: a frozen dataclass whose plain-dict form (``to_dict``) is what Ray ships to
+workers, what search spaces produce, what checkpoints store as ``config.json``, and what the
+analysis reads back. Field names are the project's vocabulary: the same name in the CLI
+(``--set sharpness_m=32``), the search spaces, the metrics and the tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+METHODS = ("sgd", "sam", "gsam", "asam", "randsam")
+PERTURBATIONS = ("max", "obf")
+LOSSES = ("ce", "bce")
+OPTIMIZERS = ("sgd", "sgdw", "momentum", "adam", "adamw")
+SCHEDULES = ("cosine", "linear", "constant", "step")
+RHO_POLICIES = ("constant", "lr_prop")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "random")
+BCE_REDUCTIONS = ("mean", "sum", "sum_mean", "mean_mean", "sum_sum", "mean_sum")
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """One trial. ``None`` on a data/augmentation field means "the dataset's default"."""
+
+    # ---- data
+    dataset: str = "digits"
+    data_dir: str | None = None
+    train_split: str = "train"
+    val_split: str = "validation"
+    eval_sets: tuple[tuple[str, str], ...] = ()
+    train_eval_size: int = 512
+    img_size: int | None = None
+    augment: bool = True
+    scale: tuple[float, float] | None = None
+    ratio: tuple[float, float] | None = None
+    hflip: float | None = None
+    interpolation: str = "bilinear"
+    crop_pct: float | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    num_classes: int | None = None
+    loader_workers: int = 0
+    # ---- model
+    model: str = "pf_cnn_small"
+    drop: float = 0.0
+    head_init_bias: float | None = None
+    pretrained_path: str | None = None
+    # ---- optimization
+    opt: str = "momentum"
+    lr: float | None = None
+    lr_base: float = 0.1
+    lr_base_size: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    clip_grad: float | None = None
+    epochs: int = 10
+    warmup_epochs: int = 0
+    warmup_lr: float = 1e-5
+    min_lr: float = 0.0
+    sched: str = "cosine"
+    batch_size: int = 64
+    grad_accum_steps: int = 1
+    smoothing: float = 0.0
+    loss: str = "ce"
+    bce_reduction: str = "sum_mean"
+    amp: bool = False
+    seed: int = 0
+    # ---- SAM
+    method: str = "sam"
+    perturbation: str = "max"
+    rho: float = 0.05
+    min_rho: float = 0.0
+    rho_policy: str = "constant"
+    sharpness_m: int | None = None
+    gsam_alpha: float = 0.0
+    backup_normalized: bool = False
+    asam_before_norm: bool = False
+    asam_after_norm: bool = False
+    obf_C: float = 1000.0
+    obf_gamma: float = 1.0
+    obf_sigmoid: bool = True
+    snp_factor: float = 0.0
+    # ---- runtime
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    checkpoint_every: int = 1
+    log_every: int = 0
+    max_failures: int = 0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), _HINTS[f.name]))
+        _validate(self)
+
+    # ------------------------------------------------------------------ dict round trip
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-compatible dict (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrialConfig:
+        """Build from a dict, rejecting unknown keys with a suggestion."""
+        unknown = sorted(set(d) - set(FIELD_NAMES))
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, FIELD_NAMES, n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError(f"Unknown TrialConfig field(s): {', '.join(hints)}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> TrialConfig:
+        return self.from_dict({**self.to_dict(), **changes})
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def global_batch_size(self) -> int:
+        """Examples per optimizer update over all workers."""
+        return self.batch_size * self.grad_accum_steps * self.num_workers
+
+    @property
+    def resolved_lr(self) -> float:
+        """``lr`` if set, else ``lr_base * global_batch_size / lr_base_size`` (linear scaling)."""
+        return self.lr if self.lr is not None else self.lr_base * self.global_batch_size / self.lr_base_size
+
+    @property
+    def uses_sam(self) -> bool:
+        return self.method != "sgd"
+
+
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrialConfig))
+_HINTS = typing.get_type_hints(TrialConfig)
+
+
+def parse_field_value(name: str, text: str) -> Any:
+    """Parse a command-line ``field=value`` string into the field's type (JSON first, then raw).
+
+    ``--set sharpness_m=32``, ``--set scale=[0.5,1]``, ``--set eval_sets=[["digits","validation"]]``,
+    ``--set pretrained_path=none``.
+    """
+    if name not in FIELD_NAMES:
+        close = difflib.get_close_matches(name, FIELD_NAMES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"Unknown TrialConfig field {name!r}{hint}")
+    lowered = text.strip().lower()
+    if lowered in ("none", "null"):
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    return _coerce(name, value, _HINTS[name])
+
+
+# ---------------------------------------------------------------------- type coercion
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against the annotation and normalise it (lists -> tuples, int -> float)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(name, value, inner[0])
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"Invalid {name}: {value!r} (expected a list/tuple)")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(name, v, args[0]) for v in value)
+        if len(value) != len(args):
+            raise ValueError(f"Invalid {name}: {value!r} (expected {len(args)} values)")
+        return tuple(_coerce(name, v, a) for v, a in zip(value, args, strict=True))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"Invalid {name}: {value!r} (expected a dict)")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"Invalid {name}: {value!r} (expected true or false)")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+            raise ValueError(f"Invalid {name}: {value!r} (expected an integer)")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"Invalid {name}: {value!r} (expected a number)")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"Invalid {name}: {value!r} (expected a string)")
+        return value
+    raise TypeError(f"unsupported annotation {_type_name(hint)} for {name}")  # a bug in this file
+
+
+# ---------------------------------------------------------------------- validation
+def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"Invalid {name}: {value!r} ({allowed})")
+
+
+def _one_of(c: TrialConfig, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(c, name)
+    _require(value in choices, name, value, f"allowed: {', '.join(choices)}")
+
+
+def _validate(c: TrialConfig) -> None:
+    from pf_sweep.data.registry import is_known_dataset  # light import: no torch models, no TF
+
+    for name in ("method", "perturbation", "loss", "opt", "sched", "rho_policy", "interpolation", "bce_reduction"):
+        _one_of(
+            c,
+            name,
+            {
+                "method": METHODS,
+                "perturbation": PERTURBATIONS,
+                "loss": LOSSES,
+                "opt": OPTIMIZERS,
+                "sched": SCHEDULES,
+                "rho_policy": RHO_POLICIES,
+                "interpolation": INTERPOLATIONS,
+                "bce_reduction": BCE_REDUCTIONS,
+            }[name],
+        )
+    for dataset in (c.dataset, *(name for name, _ in c.eval_sets)):
+        _require(is_known_dataset(dataset), "dataset", dataset, "allowed: digits, digits_spurious, synthetic, tfds/<name>")
+    for name in ("batch_size", "epochs", "grad_accum_steps", "num_workers", "lr_base_size", "checkpoint_every"):
+        _require(getattr(c, name) >= 1, name, getattr(c, name), "must be >= 1")
+    for name in ("loader_workers", "warmup_epochs", "log_every", "max_failures", "train_eval_size"):
+        _require(getattr(c, name) >= 0, name, getattr(c, name), "must be >= 0")
+    for name in ("rho", "min_rho", "weight_decay", "momentum", "gsam_alpha", "warmup_lr", "min_lr", "drop"):
+        _require(getattr(c, name) >= 0, name, getattr(c, name), "must be >= 0")
+    _require(c.lr is None or c.lr > 0, "lr", c.lr, "must be > 0, or None to use lr_base scaling")
+    _require(c.lr_base > 0, "lr_base", c.lr_base, "must be > 0")
+    _require(c.drop < 1, "drop", c.drop, "must be < 1")
+    _require(0 <= c.smoothing < 1, "smoothing", c.smoothing, "must be in [0, 1)")
+    _require(0 <= c.snp_factor <= 1, "snp_factor", c.snp_factor, "must be in [0, 1]")
+    _require(c.clip_grad is None or c.clip_grad > 0, "clip_grad", c.clip_grad, "must be > 0 or None")
+    _require(c.cpus_per_worker > 0, "cpus_per_worker", c.cpus_per_worker, "must be > 0")
+    _require(c.img_size is None or c.img_size >= 1, "img_size", c.img_size, "must be >= 1")
+    _require(c.num_classes is None or c.num_classes >= 2, "num_classes", c.num_classes, "must be >= 2")
+    _require(c.crop_pct is None or 0 < c.crop_pct <= 1, "crop_pct", c.crop_pct, "must be in (0, 1]")
+    _require(c.hflip is None or 0 <= c.hflip <= 1, "hflip", c.hflip, "must be in [0, 1]")
+    if c.scale is not None:
+        _require(0 < c.scale[0] <= c.scale[1] <= 1, "scale", c.scale, "need 0 < low <= high <= 1")
+    if c.ratio is not None:
+        _require(0 < c.ratio[0] <= c.ratio[1], "ratio", c.ratio, "need 0 < low <= high")
+    if c.mean is not None or c.std is not None:
+        _require(c.mean is not None and c.std is not None, "mean/std", (c.mean, c.std), "set both or neither")
+        _require(len(c.mean) == len(c.std), "mean/std", (c.mean, c.std), "need the same length")
+        _require(all(s > 0 for s in c.std), "std", c.std, "must be > 0")
+    _require(0 <= c.obf_gamma <= 1, "obf_gamma", c.obf_gamma, "must be in [0, 1]")
+    _require(not 0 <= c.obf_C <= 1, "obf_C", c.obf_C, "must be > 1, or < 0 for lambda = 0")
+
+    # cross-field rules
+    if c.sharpness_m is not None:
+        _require(
+            c.sharpness_m >= 1 and c.batch_size % c.sharpness_m == 0,
+            "sharpness_m",
+            c.sharpness_m,
+            f"must be a positive divisor of the per-worker batch_size {c.batch_size}",
+        )
+        _require(c.uses_sam, "sharpness_m", c.sharpness_m, "only meaningful with a SAM method, not method='sgd'")
+    _require(c.gsam_alpha == 0 or c.method == "gsam", "gsam_alpha", c.gsam_alpha, "only with method='gsam'")
+    _require(c.method != "gsam" or c.gsam_alpha > 0, "gsam_alpha", c.gsam_alpha, "method='gsam' needs gsam_alpha > 0")
+    _require(not c.backup_normalized or c.method == "gsam", "backup_normalized", True, "only with method='gsam'")
+    asam = c.asam_before_norm or c.asam_after_norm
+    _require(not asam or c.method == "asam", "asam_before_norm/asam_after_norm", True, "only with method='asam'")
+    _require(
+        c.method != "asam" or asam,
+        "method",
+        "asam",
+        "ASAM needs asam_before_norm=True and/or asam_after_norm=True (both: the original ASAM)",
+    )
+    _require(c.perturbation == "max" or c.uses_sam, "perturbation", c.perturbation, "method='sgd' has no perturbation")
+    _require(
+        c.rho_policy == "constant" or c.min_rho <= c.rho,
+        "min_rho",
+        c.min_rho,
+        f"must be <= rho ({c.rho}) with rho_policy='lr_prop'",
+    )
+    _require(c.warmup_epochs < c.epochs or c.warmup_epochs == 0, "warmup_epochs", c.warmup_epochs, "must be < epochs")
+    for pair in c.eval_sets:
+        _require(all(pair), "eval_sets", c.eval_sets, "each entry is a non-empty (dataset, split) pair")

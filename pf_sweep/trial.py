@@ -1,0 +1,162 @@
+"""One trial: ``run_trial`` (the Python API) and ``fit`` (what a sweep's Tune trial calls).
+
+On Ray, a trial is a Ray Train ``TorchTrainer`` with ``config.num_workers`` workers running
+``pf_sweep.train.train_loop``; with ``local=True`` the same loop runs in this process.
+Train runs are named deterministically (``trial-<hash of the config>`` unless given): Ray Train V2
+resumes a run whose (storage_path, name) it has seen, so rerunning an interrupted trial with the
+same name continues from its last checkpoint instead of starting over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pf_sweep.checkpoint import METRICS_FILE
+from pf_sweep.config import TrialConfig
+
+logger = logging.getLogger(__name__)
+
+# Ray Train's controller polls workers every this many seconds and each report waits for a poll:
+# the 2 s default made 20 reports cost 110 s instead of 33 s here (RAY_NOTES.md).
+HEALTH_CHECK_INTERVAL_S = "0.1"
+
+
+@dataclass
+class TrialResult:
+    """What a finished trial left: last metrics, one history row per report, latest checkpoint."""
+
+    metrics: dict[str, float]
+    history: pd.DataFrame
+    checkpoint: str | None
+    path: str | None = None
+    config: TrialConfig | None = None
+
+
+def default_name(cfg: TrialConfig) -> str:
+    digest = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+    return f"trial-{digest}"
+
+
+def set_ray_environment() -> None:
+    """Environment that must be in place before Ray starts (it propagates to workers)."""
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join ``address`` (e.g. "auto" or "host:port"), or start a local Ray on 127.0.0.1 sized to this machine."""
+    import ray  # noqa: PLC0415
+
+    if ray.is_initialized():
+        return
+    set_ray_environment()
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=num_cpus or os.cpu_count(),
+        include_dashboard=True,  # the placement-group cleaner needs its State API (RAY_NOTES.md)
+        dashboard_host="127.0.0.1",
+        _node_ip_address="127.0.0.1",
+        log_to_driver=True,
+    )
+
+
+def build_trainer(cfg: TrialConfig, *, storage_path: str, name: str, callbacks: Sequence[Any] = ()):
+    """The ``TorchTrainer`` for one trial; shared by ``run_trial`` and sweeps."""
+    import ray.train  # noqa: PLC0415
+    from ray.train.torch import TorchConfig, TorchTrainer  # noqa: PLC0415
+
+    from pf_sweep.train import train_loop  # noqa: PLC0415
+
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=cfg.to_dict(),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks),
+        ),
+    )
+
+
+def _absolute(storage_path: str) -> str:
+    return storage_path if "://" in storage_path else str(Path(storage_path).expanduser().resolve())
+
+
+def _history(checkpoint_dir: str | None, last: dict[str, float]) -> pd.DataFrame:
+    """Every report: those stored with the latest checkpoint, plus the last one if it came later."""
+    rows: list[dict[str, float]] = []
+    if checkpoint_dir is not None:
+        metrics_file = Path(checkpoint_dir) / METRICS_FILE
+        if metrics_file.exists():
+            rows = json.loads(metrics_file.read_text())
+    if last and (not rows or rows[-1].get("epoch") != last.get("epoch")):
+        rows.append(last)
+    return pd.DataFrame(rows)
+
+
+def run_trial(
+    config: TrialConfig,
+    *,
+    storage_path: str | None = "runs",
+    name: str | None = None,
+    local: bool = False,
+    address: str | None = None,
+) -> TrialResult:
+    """Train one trial and return its ``TrialResult``.
+
+    ``local=True`` runs ``train_loop`` in this process (no Ray; checkpoints under
+    ``storage_path/name`` when ``storage_path`` is set). Otherwise a ``TorchTrainer`` with
+    ``config.num_workers`` workers runs on the Ray cluster at ``address``, or on a local Ray that is
+    started when none is running.
+    """
+    if not isinstance(config, TrialConfig):
+        raise ValueError(f"run_trial needs a TrialConfig, got {type(config).__name__}")
+    name = name or default_name(config)
+    if local:
+        from pf_sweep.train import run_local  # noqa: PLC0415
+
+        directory = Path(storage_path) / name if storage_path else None
+        session = run_local(config, directory)
+        return TrialResult(
+            metrics=session.history[-1] if session.history else {},
+            history=pd.DataFrame(session.history),
+            checkpoint=session.checkpoint,
+            path=str(directory) if directory else None,
+            config=config,
+        )
+    if storage_path is None:
+        raise ValueError("storage_path is required on Ray (checkpoints and metrics live there)")
+    ensure_ray(address)
+    trainer = build_trainer(config, storage_path=_absolute(storage_path), name=name)
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    return TrialResult(
+        metrics=dict(result.metrics or {}),
+        history=_history(checkpoint, dict(result.metrics or {})),
+        checkpoint=checkpoint,
+        path=str(result.path),
+        config=config,
+    )
