@@ -9,7 +9,7 @@ __all__ = ["TrialConfig", "TrialResult", "__version__", "run_trial"]
 def __getattr__(name: str):
     # Lazy: ``import pf_sweep`` stays light (no Ray, no timm) for the CLI's fast argument checks.
     if name in ("run_trial", "TrialResult"):
-        from pf_sweep import trial  # noqa: PLC0415
+        from pf_sweep import trial
 
         return getattr(trial, name)
     raise AttributeError(name)

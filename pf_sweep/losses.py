@@ -84,9 +84,7 @@ class BinaryCrossEntropy(nn.Module):
             raise ValueError(f"Invalid BCE smoothing: {smoothing} (must be in [0, 1))")
         parts = reduction.split("_")
         if not 1 <= len(parts) <= 2 or any(p not in ("mean", "sum") for p in parts):
-            raise ValueError(
-                f"Invalid BCE reduction: {reduction!r} (allowed: mean, sum, sum_mean, mean_mean, sum_sum, mean_sum)"
-            )
+            raise ValueError(f"Invalid BCE reduction: {reduction!r} (allowed: mean, sum, sum_mean, mean_mean, sum_sum, mean_sum)")
         self.smoothing = float(smoothing)
         self.reduction = reduction
 

@@ -55,7 +55,9 @@ class SmallCNN(nn.Module):
 class MLP(nn.Module):
     """Flatten, one hidden layer, linear head: the smallest model worth sharpening."""
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 1, img_size: int = 8, hidden: int = 128, drop_rate: float = 0.0, **_):
+    def __init__(
+        self, num_classes: int = 10, in_chans: int = 1, img_size: int = 8, hidden: int = 128, drop_rate: float = 0.0, **_
+    ):
         super().__init__()
         self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_chans * img_size * img_size, hidden), nn.ReLU(inplace=True))
         self.num_features = hidden

@@ -62,8 +62,8 @@ class RaySession:
     """Inside a Ray Train worker: rank and device from Train's context, reports through ``ray.train.report``."""
 
     def __init__(self) -> None:
-        import ray.train  # noqa: PLC0415 - workers only
-        import ray.train.torch  # noqa: PLC0415
+        import ray.train
+        import ray.train.torch
 
         self._train = ray.train
         ctx = ray.train.get_context()
@@ -72,7 +72,7 @@ class RaySession:
         self.device = ray.train.torch.get_device()
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
-        import ray.train.torch  # noqa: PLC0415
+        import ray.train.torch
 
         return ray.train.torch.prepare_model(model)
 
@@ -84,7 +84,7 @@ class RaySession:
         return checkpoint.to_directory() if not Path(checkpoint.path).is_dir() else checkpoint.path
 
     def report(self, metrics: dict[str, float], write_checkpoint: Callable[[Path], None] | None) -> None:
-        from ray.train import Checkpoint  # noqa: PLC0415
+        from ray.train import Checkpoint
 
         if write_checkpoint is None or self.rank != 0:
             self._train.report(metrics, checkpoint=None)

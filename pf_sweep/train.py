@@ -9,6 +9,7 @@ loop against any ``Session``, which is how a trial also runs in-process.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -56,7 +57,7 @@ def _eval_loader(cfg: TrialConfig, session: Session, dataset: str, split: str, l
     if limit is not None and limit < len(data):
         g = torch.Generator().manual_seed(cfg.seed)
         keep = sorted(torch.randperm(len(data), generator=g)[:limit].tolist())
-        from pf_sweep.data.builtin import Subset  # noqa: PLC0415
+        from pf_sweep.data.builtin import Subset
 
         data = Subset(data, keep)
     ds = TransformedSplit(data, build_transform(cfg, info, training=False))
@@ -223,12 +224,15 @@ def run(cfg: TrialConfig, session: Session) -> None:
             if snp is not None:
                 state["snp_initial"] = snp.initial
 
-            def write(directory: Path, state=state, history=list(history)) -> None:
-                save_checkpoint(directory, state, cfg.to_dict(), history)
+            write = functools.partial(_write_checkpoint, state=state, config=cfg.to_dict(), history=list(history))
 
         session.report(metrics, write)
         if session.rank == 0:
             logger.info("epoch %d: val/top1 %.2f train/loss %.4f", epoch, val["top1"], metrics["train/loss"])
+
+
+def _write_checkpoint(directory: Path, *, state: dict, config: dict, history: list[dict]) -> None:
+    save_checkpoint(directory, state, config, history)
 
 
 def _as_tuple(x: Any) -> Any:
@@ -290,4 +294,3 @@ def run_local(cfg: TrialConfig, directory: str | Path | None = None) -> LocalSes
     session = LocalSession(directory, device="cuda" if cfg.use_gpu else "cpu")
     run(cfg, session)
     return session
-

@@ -55,7 +55,7 @@ def set_ray_environment() -> None:
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join ``address`` (e.g. "auto" or "host:port"), or start a local Ray on 127.0.0.1 sized to this machine."""
-    import ray  # noqa: PLC0415
+    import ray
 
     if ray.is_initialized():
         return
@@ -74,10 +74,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 def build_trainer(cfg: TrialConfig, *, storage_path: str, name: str, callbacks: Sequence[Any] = ()):
     """The ``TorchTrainer`` for one trial; shared by ``run_trial`` and sweeps."""
-    import ray.train  # noqa: PLC0415
-    from ray.train.torch import TorchConfig, TorchTrainer  # noqa: PLC0415
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pf_sweep.train import train_loop  # noqa: PLC0415
+    from pf_sweep.train import train_loop
 
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
@@ -86,9 +86,7 @@ def build_trainer(cfg: TrialConfig, *, storage_path: str, name: str, callbacks: 
         train_loop,
         train_loop_config=cfg.to_dict(),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
-        ),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,
@@ -134,7 +132,7 @@ def run_trial(
         raise ValueError(f"run_trial needs a TrialConfig, got {type(config).__name__}")
     name = name or default_name(config)
     if local:
-        from pf_sweep.train import run_local  # noqa: PLC0415
+        from pf_sweep.train import run_local
 
         directory = Path(storage_path) / name if storage_path else None
         session = run_local(config, directory)
