@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""Launch (or resume) a pf-sweep sweep on the embedded local Ray or a Ray cluster.
+
+    python run_sweep.py                               # digits_cpu on local Ray
+    python run_sweep.py --space digits_cpu --num-samples 12 --set epochs=6
+    python run_sweep.py --dry-run                     # show what would run, start nothing
+    python run_sweep.py --name my-sweep --resume      # continue an interrupted sweep
+
+Every argument is checked before Ray starts; a bad one exits with code 2 and one message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--space", default="digits_cpu", help="a shipped space name or a .py file defining SPACE")
+    p.add_argument("--num-samples", type=int, help="trials to run (default: the space's budget)")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: the space's, capped by CPUs)")
+    p.add_argument("--scheduler", choices=["fifo", "asha"], default="fifo")
+    p.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial")
+    p.add_argument("--cpus-per-worker", type=float)
+    p.add_argument("--gpus-per-worker", type=float)
+    p.add_argument("--storage", default="results", help="directory (or URI) holding all sweeps")
+    p.add_argument("--name", help="sweep name (default: the space name)")
+    p.add_argument("--address", help="Ray cluster to join: auto or HOST:PORT (default: start a local Ray)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a fixed TrialConfig field of the space (repeatable)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue the sweep <storage>/<name>")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved plan and start nothing")
+    p.add_argument("--list-spaces", action="store_true")
+    return p
+
+
+def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """Everything Ray will need, validated now: (space, settings, name)."""
+    import search_spaces
+    from pf_sweep.config import parse_field_value
+    from pf_sweep.sweep import SweepSettings, trial_base
+
+    try:
+        space = search_spaces.get(args.space)
+        overrides = {}
+        for item in args.overrides:
+            if "=" not in item:
+                raise ValueError(f"Invalid --set {item!r} (expected FIELD=VALUE)")
+            key, value = item.split("=", 1)
+            overrides[key.strip()] = parse_field_value(key.strip(), value)
+        for option in ("num_samples", "max_concurrent", "workers_per_trial"):
+            value = getattr(args, option)
+            if value is not None and value < 1:
+                raise ValueError(f"Invalid --{option.replace('_', '-')}: {value} (must be >= 1)")
+        settings = SweepSettings(
+            num_samples=args.num_samples or space.num_samples,
+            max_concurrent=args.max_concurrent or space.max_concurrent,
+            seed=args.seed,
+            scheduler=args.scheduler,
+            workers_per_trial=args.workers_per_trial or space.workers_per_trial,
+            cpus_per_worker=args.cpus_per_worker if args.cpus_per_worker is not None else space.cpus_per_worker,
+            gpus_per_worker=args.gpus_per_worker if args.gpus_per_worker is not None else space.gpus_per_worker,
+            overrides=overrides,
+        )
+        if settings.cpus_per_worker <= 0 or settings.gpus_per_worker < 0:
+            raise ValueError("Invalid resources: --cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
+        per_trial = settings.workers_per_trial * settings.cpus_per_worker
+        if args.address is None:
+            cpus = os.cpu_count() or 1
+            if per_trial > cpus:
+                raise ValueError(f"Impossible resources: one trial needs {per_trial:g} CPUs, this machine has {cpus}")
+            settings.max_concurrent = max(1, min(settings.max_concurrent, int(cpus // per_trial)))
+        base = trial_base(space, settings)
+        for params in space.sample(min(3, settings.num_samples), seed=args.seed):
+            space.config_for(params, {**base})
+    except ValueError as err:
+        parser.exit(2, f"run_sweep.py: error: {err}\n")
+    return space, settings, args.name or space.name
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list_spaces:
+        import search_spaces
+
+        for name in search_spaces.names():
+            print(f"{name:24s} {search_spaces.get(name).description}")
+        return 0
+    space, settings, name = resolve(args, parser)
+    sweep_dir = Path(args.storage) / name
+    if args.dry_run:
+        from pf_sweep.sweep import trial_base
+
+        print(f"space: {space.description}")
+        print(f"metric: {space.metric} ({space.mode})")
+        print(f"settings: {json.dumps(settings.__dict__)}")
+        print(f"base config: {json.dumps(trial_base(space, settings), sort_keys=True)}")
+        for i, params in enumerate(space.sample(min(3, settings.num_samples), seed=args.seed)):
+            print(f"trial {i}: {json.dumps(params, sort_keys=True)}")
+        print(f"results would go to: {sweep_dir.resolve()}")
+        return 0
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from pf_sweep import sweep
+
+    try:
+        if args.resume:
+            results = sweep.resume(str(sweep_dir), address=args.address)
+        else:
+            results = sweep.launch(space, settings, storage_path=args.storage, name=name, address=args.address)
+    except KeyboardInterrupt:
+        print(f"\nInterrupted. Continue with: python run_sweep.py --storage {args.storage} --name {name} --resume")
+        return 130
+    best, frame = sweep.summarize(results, space.metric, space.mode)
+    summary = sweep_dir / "summary.csv"
+    frame.to_csv(summary, index=False)
+    print(f"\nBest trial ({space.metric} = {best['metrics'].get(space.metric)}):")
+    print(json.dumps(best["config"], indent=1, sort_keys=True))
+    print(f"checkpoint: {best['checkpoint']}")
+    print(f"results: {sweep_dir.resolve()}  summary: {summary.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
