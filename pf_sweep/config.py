@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -154,6 +155,9 @@ def parse_field_value(name: str, text: str) -> Any:
     lowered = text.strip().lower()
     if lowered in ("none", "null"):
         return None
+    hint = _HINTS[name]
+    if hint is str or (typing.get_origin(hint) in (types.UnionType, typing.Union) and str in typing.get_args(hint)):
+        return text  # a string field takes the text as written ("123", "true" included)
     if lowered in ("true", "false"):
         return lowered == "true"
     try:
@@ -194,12 +198,12 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             raise ValueError(f"Invalid {name}: {value!r} (expected true or false)")
         return value
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or int(value) != value:
             raise ValueError(f"Invalid {name}: {value!r} (expected an integer)")
         return int(value)
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"Invalid {name}: {value!r} (expected a number)")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"Invalid {name}: {value!r} (expected a finite number)")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
