@@ -312,6 +312,43 @@ def test_sam_grad_differs_from_plain_gradient_so_the_comparisons_are_sensitive(k
 
 
 @pytest.mark.parametrize("kind", MODELS)
+def test_rho_zero_gives_mean_of_plain_sub_batch_gradients(kind):
+    model = make_model(kind)
+    twin = copy.deepcopy(model)
+    x, y = make_batch(kind)
+    SAM(sgd(model), rho=0.0).backward(model, x, y, F.cross_entropy, sharpness_m=6)
+    halves = [
+        torch.autograd.grad(F.cross_entropy(twin(x[i : i + 6]), y[i : i + 6]), list(twin.parameters()))
+        for i in (0, 6)
+    ]
+    assert_grads_close(grads_of(model), [(a + b) / 2 for a, b in zip(*halves, strict=True)])
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_parameters_split_over_param_groups_share_one_global_norm(kind):
+    model = make_model(kind)
+    reference = copy.deepcopy(model)
+    x, y = make_batch(kind)
+    weights = [p for p in model.parameters() if p.dim() > 1]
+    others = [p for p in model.parameters() if p.dim() <= 1]
+    base = torch.optim.SGD([{"params": others, "lr": 0.01}, {"params": weights}], lr=0.1)
+    SAM(base, rho=0.2, gsam_alpha=0.3).backward(model, x, y, F.cross_entropy)
+    assert_grads_close(grads_of(model), naive_sam_grads(reference, x, y, rho=0.2, gsam_alpha=0.3))
+
+
+def test_param_group_added_after_a_step_joins_the_perturbation():
+    model = make_model("mlp")
+    reference = copy.deepcopy(model)
+    x, y = make_batch("mlp")
+    sam = SAM(torch.optim.SGD(model[2:].parameters(), lr=0.1), rho=0.2)
+    sam.backward(model, x, y, F.cross_entropy)  # buffers now sized for the last layers only
+    sam.add_param_group({"params": list(model[0].parameters())})
+    sam.zero_grad(set_to_none=True)
+    sam.backward(model, x, y, F.cross_entropy)
+    assert_grads_close(grads_of(model), naive_sam_grads(reference, x, y, rho=0.2))
+
+
+@pytest.mark.parametrize("kind", MODELS)
 def test_accumulation_adds_mean_over_micro_batches_to_existing_grad(kind):
     model = make_model(kind)
     reference = copy.deepcopy(model)
@@ -491,6 +528,19 @@ def test_backward_leaves_parameters_bitwise_unchanged(kind, config):
     cls(sgd(model), **kwargs).backward(model, x, y, F.cross_entropy, sharpness_m=4)
     for p, b in zip(model.parameters(), before, strict=True):
         assert torch.equal(p, b)
+
+
+def test_bf16_autocast_restores_fp32_parameters_bitwise_and_keeps_fp32_grads_and_stats():
+    model = make_model("cnn_bn", dtype=torch.float32)
+    x, y = make_batch("cnn_bn", dtype=torch.float32)
+    before = [p.detach().clone() for p in model.parameters()]
+    sam = SAM(sgd(model), rho=0.5, gsam_alpha=0.2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stats = sam.backward(model, x, y, F.cross_entropy, perturb_fn=OBF(10.0), sharpness_m=4)
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, b)
+        assert p.grad.dtype == torch.float32
+    assert {v.dtype for v in stats.values()} == {torch.float32}
 
 
 def bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:

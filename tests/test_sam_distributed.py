@@ -37,15 +37,15 @@ def make_model() -> nn.Module:
     ).double()
 
 
-def full_batch():
-    g = torch.Generator().manual_seed(1)
+def full_batch(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(WORLD * B, 2, 5, 5, generator=g, dtype=torch.float64)
     y = torch.randint(0, NUM_CLASSES, (WORLD * B,), generator=g)
     return x, y
 
 
-def shard(rank: int):
-    x, y = full_batch()
+def shard(rank: int, seed: int = 1):
+    x, y = full_batch(seed)
     return x[rank * B : (rank + 1) * B], y[rank * B : (rank + 1) * B]
 
 
@@ -67,6 +67,14 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         results["ddp"] = sam_grads(model, DistributedDataParallel(model), x, y, m=B)
         model = make_model()
         results["no_sync"] = sam_grads(model, model, x, y, m=B, sync=False)
+
+        # two accumulation micro-batches, all-reduced only at the last one
+        model = make_model()
+        net = DistributedDataParallel(model)
+        sam = SAM(torch.optim.SGD(net.parameters(), lr=0.1), rho=RHO)
+        for seed, sync in ((1, False), (2, True)):
+            sam.backward(net, *shard(rank, seed), F.cross_entropy, sharpness_m=B, accum_steps=2, sync=sync)
+        results["accum"] = [p.grad.detach().clone() for p in model.parameters()]
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -102,6 +110,14 @@ def test_two_ranks_match_one_process_on_the_concatenated_batch(ranks, wrapper):
 def test_both_ranks_end_with_identical_gradients(ranks, wrapper):
     for a, b in zip(ranks[0][wrapper], ranks[1][wrapper], strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("rank", range(WORLD))
+def test_accumulation_synced_at_last_micro_batch_matches_one_process_on_all_examples(ranks, rank):
+    (x1, y1), (x2, y2) = full_batch(1), full_batch(2)
+    expected = single_process_grads(torch.cat([x1, x2]), torch.cat([y1, y2]), m=B)
+    assert_all_close(ranks[rank]["accum"], expected)
 
 
 @pytest.mark.timeout(180)
