@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
@@ -130,7 +130,7 @@ class SyntheticSplit(Sequence):
 
 
 class _SyntheticSource:
-    sizes = {"train": 2048, "validation": 512}
+    sizes: ClassVar[dict[str, int]] = {"train": 2048, "validation": 512}
 
     def info(self, data_dir: str | None, *, img_size: int | None = None, num_classes: int | None = None) -> DatasetInfo:
         return DatasetInfo(
