@@ -49,6 +49,18 @@ def shard(rank: int, seed: int = 1):
     return x[rank * B : (rank + 1) * B], y[rank * B : (rank + 1) * B]
 
 
+class RecordingDDP(DistributedDataParallel):
+    """DDP that notes, at every forward, whether it would all-reduce in backward (False under no_sync)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.grad_sync_at_forward: list[bool] = []
+
+    def forward(self, *args, **kwargs):
+        self.grad_sync_at_forward.append(bool(self.require_backward_grad_sync))
+        return super().forward(*args, **kwargs)
+
+
 def sam_grads(model: nn.Module, net: nn.Module, x, y, m: int, sync: bool = True) -> list[torch.Tensor]:
     sam = SAM(torch.optim.SGD(net.parameters(), lr=0.1), rho=RHO)
     sam.backward(net, x, y, F.cross_entropy, sharpness_m=m, sync=sync)
@@ -64,7 +76,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         model = make_model()
         results["plain"] = sam_grads(model, model, x, y, m=B)
         model = make_model()
-        results["ddp"] = sam_grads(model, DistributedDataParallel(model), x, y, m=B)
+        ddp = RecordingDDP(model)
+        results["ddp"] = sam_grads(model, ddp, x, y, m=B // 2)
+        results["ddp_grad_sync_at_forward"] = ddp.grad_sync_at_forward
         model = make_model()
         results["no_sync"] = sam_grads(model, model, x, y, m=B, sync=False)
 
@@ -99,10 +113,21 @@ def assert_all_close(actual, expected) -> None:
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("wrapper", ["plain", "ddp"])
-def test_two_ranks_match_one_process_on_the_concatenated_batch(ranks, wrapper):
+def test_two_ranks_match_one_process_on_the_concatenated_batch(ranks):
     expected = single_process_grads(*full_batch(), m=B)
-    assert_all_close(ranks[0][wrapper], expected)
+    assert_all_close(ranks[0]["plain"], expected)
+
+
+@pytest.mark.timeout(180)
+def test_two_ddp_ranks_with_m_sharpness_match_one_process_on_the_concatenated_batch(ranks):
+    expected = single_process_grads(*full_batch(), m=B // 2)
+    assert_all_close(ranks[0]["ddp"], expected)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("rank", range(WORLD))
+def test_ddp_runs_clean_and_perturbed_passes_of_every_sub_batch_under_no_sync(ranks, rank):
+    assert ranks[rank]["ddp_grad_sync_at_forward"] == [False] * 4  # 2 sub-batches x 2 passes
 
 
 @pytest.mark.timeout(180)
