@@ -258,7 +258,7 @@ class SAM(torch.optim.Optimizer):
         return [None if g is None else v for g, v in zip(grads, descent.views, strict=True)]
 
     @staticmethod
-    def _accumulate_(params: list[torch.Tensor], grads: Sequence[torch.Tensor | None], scale: float) -> None:
+    def _accumulate_(params: list[torch.Tensor], grads: Sequence[torch.Tensor | None], scale: float, owned: bool) -> None:
         """p.grad += scale * g; a parameter with no gradient in this pass keeps what it had."""
         existing, new = [], []
         fresh_params, fresh = [], []
@@ -274,7 +274,12 @@ class SAM(torch.optim.Optimizer):
         if existing:
             torch._foreach_add_(existing, new, alpha=scale)
         if fresh:
-            for p, g in zip(fresh_params, torch._foreach_mul(fresh, scale), strict=True):
+            if owned:  # autograd's outputs belong to nobody else: scale them in place, no new copy
+                if scale != 1.0:
+                    torch._foreach_mul_(fresh, scale)
+            else:
+                fresh = torch._foreach_mul(fresh, scale)
+            for p, g in zip(fresh_params, fresh, strict=True):
                 p.grad = g
 
     def _all_reduce_grads_(self, params: list[torch.Tensor]) -> None:
@@ -332,9 +337,9 @@ class SAM(torch.optim.Optimizer):
         sums: dict[str, torch.Tensor] = {}
 
         with _no_sync(model):
+            torch._foreach_copy_(backup.views, params)  # restores are exact copies: one backup serves all sub-batches
             for start in range(0, batch, m):
                 x, y = inputs[start : start + m], targets[start : start + m]
-                torch._foreach_copy_(backup.views, params)
 
                 with torch.set_grad_enabled(self.needs_ascent_gradient):
                     logits = model(x)
@@ -348,7 +353,7 @@ class SAM(torch.optim.Optimizer):
                     loss = loss_fn(perturbed_logits, y)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 torch._foreach_copy_(params, backup.views)
-                self._accumulate_(params, self._descent_gradient(grads), scale)
+                self._accumulate_(params, self._descent_gradient(grads), scale, owned=self.gsam_alpha <= 0)
 
                 stats = forgetting_stats(logits, perturbed_logits, y, clean_loss, loss)
                 stats["loss"] = loss.detach().float()
