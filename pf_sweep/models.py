@@ -21,7 +21,19 @@ from pf_sweep.data.registry import DatasetInfo
 logger = logging.getLogger(__name__)
 
 
-class SmallCNN(nn.Module):
+class _LinearHead(nn.Module):
+    """timm's classifier interface for a model whose last layer is ``self.head`` on ``num_features``."""
+
+    pretrained_cfg = {"classifier": "head"}  # noqa: RUF012 - timm reads it as an attribute
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.head = nn.Linear(self.num_features, num_classes)
+
+
+class SmallCNN(_LinearHead):
     """conv-BN-ReLU stages with a max-pool between them, global average pool, linear head."""
 
     def __init__(
@@ -39,20 +51,13 @@ class SmallCNN(nn.Module):
         self.num_features = prev
         self.drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(prev, num_classes)
-        self.pretrained_cfg = {"classifier": "head"}
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.head = nn.Linear(self.num_features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x).mean(dim=(2, 3))
         return self.head(self.drop(x))
 
 
-class MLP(nn.Module):
+class MLP(_LinearHead):
     """Flatten, one hidden layer, linear head: the smallest model worth sharpening."""
 
     def __init__(
@@ -63,13 +68,6 @@ class MLP(nn.Module):
         self.num_features = hidden
         self.drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(hidden, num_classes)
-        self.pretrained_cfg = {"classifier": "head"}
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.head = nn.Linear(self.num_features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.drop(self.body(x)))

@@ -23,7 +23,7 @@ from torch import nn
 
 from pf_sweep.checkpoint import load_checkpoint, save_checkpoint
 from pf_sweep.config import TrialConfig
-from pf_sweep.data import ShardedSampler, TransformedSplit, build_loader, build_transform, get_source
+from pf_sweep.data import DatasetInfo, ShardedSampler, TransformedSplit, build_loader, build_transform, get_source
 from pf_sweep.forgetting import FORGETTING_KEYS
 from pf_sweep.losses import build_loss, build_perturbation
 from pf_sweep.models import build_model
@@ -46,7 +46,7 @@ class _Data:
     val: torch.utils.data.DataLoader
     train_subset: torch.utils.data.DataLoader
     extra: dict[str, torch.utils.data.DataLoader]
-    num_classes: int
+    info: DatasetInfo
 
 
 def _eval_loader(cfg: TrialConfig, session: Session, dataset: str, split: str, limit: int | None = None):
@@ -92,7 +92,7 @@ def build_data(cfg: TrialConfig, session: Session) -> _Data:
         val=_eval_loader(cfg, session, cfg.dataset, cfg.val_split),
         train_subset=_eval_loader(cfg, session, cfg.dataset, cfg.train_split, limit=cfg.train_eval_size),
         extra={eval_set_name(d, s): _eval_loader(cfg, session, d, s) for d, s in cfg.eval_sets},
-        num_classes=cfg.num_classes or info.num_classes,
+        info=info,
     )
 
 
@@ -157,8 +157,7 @@ def run(cfg: TrialConfig, session: Session) -> None:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     data = build_data(cfg, session)
-    source_info = get_source(cfg.dataset).info(cfg.data_dir, img_size=cfg.img_size, num_classes=cfg.num_classes)
-    model = build_model(cfg, source_info)
+    model = build_model(cfg, data.info)
     model = session.prepare_model(model)
     bare = model.module if hasattr(model, "module") else model
     loss_fn = build_loss(cfg.loss, smoothing=cfg.smoothing, bce_reduction=cfg.bce_reduction)
