@@ -90,6 +90,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             sam.backward(net, *shard(rank, seed), F.cross_entropy, sharpness_m=B, accum_steps=2, sync=sync)
         results["accum"] = [p.grad.detach().clone() for p in model.parameters()]
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        del net, ddp  # DDP reducers hold the process group: release them before tearing it down
+        dist.barrier()  # no rank tears gloo down while its peer still talks to it (that aborted both ranks)
     finally:
         dist.destroy_process_group()
 
