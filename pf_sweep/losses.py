@@ -61,7 +61,7 @@ class OBF(nn.Module):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         _check_class_targets(targets, logits.shape[-1], "OBF")
-        z = logits.float()
+        z = _at_least_fp32(logits)
         with torch.no_grad():
             probs = torch.sigmoid(z) if self.sigmoid else torch.softmax(z, dim=-1)
             alpha = self.coefficient(probs, targets)
@@ -92,7 +92,7 @@ class BinaryCrossEntropy(nn.Module):
         return f"smoothing={self.smoothing}, reduction={self.reduction!r}"
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        z = logits.float()
+        z = _at_least_fp32(logits)
         num_classes = z.shape[-1]
         if targets.shape != z.shape:
             _check_class_targets(targets, num_classes, "BinaryCrossEntropy")
@@ -116,7 +116,12 @@ class CrossEntropy(nn.CrossEntropyLoss):
         super().__init__(label_smoothing=smoothing)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return super().forward(logits.float(), targets)
+        return super().forward(_at_least_fp32(logits), targets)
+
+
+def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """Upcast bf16/fp16 logits from autocast; float64 stays float64 (gradient checks rely on it)."""
+    return logits.float() if torch.finfo(logits.dtype).bits < 32 else logits
 
 
 def register(registry: dict[str, Callable[..., Any]], name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

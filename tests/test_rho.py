@@ -94,3 +94,11 @@ def test_schedule_dict_names_its_policy():
 def test_unknown_policy_in_dict_raises():
     with pytest.raises(ValueError, match="cosine"):
         rho_schedule_from_dict({"policy": "cosine", "rho": 0.1})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_schedules_rejected(bad):
+    with pytest.raises(ValueError, match="finite"):
+        ConstantRho(bad)
+    with pytest.raises(ValueError, match="finite"):
+        LrProportionalRho(rho_max=0.1, rho_min=0.0, lr_max=bad, lr_min=0.0)

@@ -836,3 +836,30 @@ def test_load_state_dict_rejects_a_plain_optimizer_state():
     sam = SAM(sgd(model))
     with pytest.raises(ValueError, match="SAM state_dict"):
         sam.load_state_dict(sgd(model).state_dict())
+
+
+@pytest.mark.parametrize("m", [2.5, 4.0, "4", True])
+def test_sharpness_m_must_be_an_integer(m):
+    model = nn.Linear(3, 2)
+    sam = SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    with pytest.raises(ValueError, match="sharpness_m"):
+        sam.backward(model, x, y, nn.functional.cross_entropy, sharpness_m=m)
+
+
+@pytest.mark.parametrize("kwargs", [{"rho": float("nan")}, {"rho": float("inf")}, {"gsam_alpha": float("nan")}])
+def test_non_finite_hyperparameters_rejected(kwargs):
+    with pytest.raises(ValueError, match="finite"):
+        SAM(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), **kwargs)
+
+
+def test_float64_logits_keep_their_precision():
+    from pf_sweep.losses import OBF, BinaryCrossEntropy, CrossEntropy
+
+    z = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 5, (4,))
+    for loss in (OBF(C=2.0), BinaryCrossEntropy(), CrossEntropy()):
+        value = loss(z, y)
+        assert value.dtype == torch.float64, type(loss).__name__
+        assert torch.autograd.grad(value, z)[0].dtype == torch.float64
+    assert CrossEntropy()(z.to(torch.bfloat16), y).dtype == torch.float32

@@ -6,6 +6,7 @@ the schedule is a pure function of the current lr so it needs no state of its ow
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -19,8 +20,8 @@ class ConstantRho:
     rho: float
 
     def __post_init__(self) -> None:
-        if self.rho < 0:
-            raise ValueError(f"Invalid rho: {self.rho} (must be >= 0)")
+        if not (math.isfinite(self.rho) and self.rho >= 0):
+            raise ValueError(f"Invalid rho: {self.rho} (must be finite and >= 0)")
 
     def __call__(self, lr: float) -> float:
         return self.rho
@@ -42,6 +43,9 @@ class LrProportionalRho:
     lr_min: float
 
     def __post_init__(self) -> None:
+        values = (self.rho_max, self.rho_min, self.lr_max, self.lr_min)
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"Invalid lr_prop schedule: {self} (every value must be finite)")
         if self.rho_max < 0 or self.rho_min < 0:
             raise ValueError(f"Invalid rho range: rho_min={self.rho_min}, rho_max={self.rho_max} (must be >= 0)")
         if self.lr_max < self.lr_min:

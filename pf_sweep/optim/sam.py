@@ -17,6 +17,8 @@ losses and statistics returned are computed in fp32 from the (possibly bf16) log
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -170,11 +172,11 @@ class SAM(torch.optim.Optimizer):
     ) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise ValueError(f"Invalid base optimizer: {type(base_optimizer).__name__} (need a torch.optim.Optimizer)")
-        if rho < 0:
-            raise ValueError(f"Invalid rho: {rho} (must be >= 0)")
-        if gsam_alpha < 0:
-            raise ValueError(f"Invalid gsam_alpha: {gsam_alpha} (must be >= 0)")
-        if eps <= 0:
+        if not (math.isfinite(rho) and rho >= 0):
+            raise ValueError(f"Invalid rho: {rho} (must be finite and >= 0)")
+        if not (math.isfinite(gsam_alpha) and gsam_alpha >= 0):
+            raise ValueError(f"Invalid gsam_alpha: {gsam_alpha} (must be finite and >= 0)")
+        if not (math.isfinite(eps) and eps > 0):
             raise ValueError(f"Invalid eps: {eps} (must be > 0)")
         self.base_optimizer = base_optimizer
         super().__init__(base_optimizer.param_groups, base_optimizer.defaults)
@@ -322,9 +324,10 @@ class SAM(torch.optim.Optimizer):
         batch = inputs.shape[0]
         if targets.shape[0] != batch:
             raise ValueError(f"inputs and targets disagree on the batch size: {batch} vs {targets.shape[0]}")
-        m = batch if sharpness_m is None else int(sharpness_m)
-        if m <= 0 or batch % m != 0:
+        m = batch if sharpness_m is None else sharpness_m
+        if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m <= 0 or batch % m != 0:
             raise ValueError(f"Invalid sharpness_m: {sharpness_m} (must be a positive divisor of the batch size {batch})")
+        m = int(m)
         if accum_steps < 1:
             raise ValueError(f"Invalid accum_steps: {accum_steps} (must be >= 1)")
         params = self._trainable()
