@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,8 +72,19 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     )
 
 
-def build_trainer(cfg: TrialConfig, *, storage_path: str, name: str, callbacks: Sequence[Any] = ()):
-    """The ``TorchTrainer`` for one trial; shared by ``run_trial`` and sweeps."""
+def build_trainer(
+    cfg: TrialConfig,
+    *,
+    storage_path: str,
+    name: str,
+    callbacks: Sequence[Any] = (),
+    train_fn: Callable[[dict[str, Any]], None] | None = None,
+):
+    """The ``TorchTrainer`` for one trial; shared by ``run_trial`` and sweeps.
+
+    ``train_fn`` replaces ``train_loop`` (it gets the config dict): a way to wrap the loop, e.g. to
+    inject a worker failure in tests.
+    """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -83,7 +94,7 @@ def build_trainer(cfg: TrialConfig, *, storage_path: str, name: str, callbacks: 
     if cfg.use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(
-        train_loop,
+        train_fn or train_loop,
         train_loop_config=cfg.to_dict(),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
@@ -120,17 +131,20 @@ def run_trial(
     name: str | None = None,
     local: bool = False,
     address: str | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> TrialResult:
     """Train one trial and return its ``TrialResult``.
 
     ``local=True`` runs ``train_loop`` in this process (no Ray; checkpoints under
     ``storage_path/name`` when ``storage_path`` is set). Otherwise a ``TorchTrainer`` with
     ``config.num_workers`` workers runs on the Ray cluster at ``address``, or on a local Ray that is
-    started when none is running.
+    started when none is running. ``callbacks`` are Ray Train ``UserCallback``s (Ray only).
     """
     if not isinstance(config, TrialConfig):
         raise ValueError(f"run_trial needs a TrialConfig, got {type(config).__name__}")
     name = name or default_name(config)
+    if local and callbacks:
+        raise ValueError("callbacks are Ray Train callbacks: they need local=False")
     if local:
         from pf_sweep.train import run_local
 
@@ -146,7 +160,7 @@ def run_trial(
     if storage_path is None:
         raise ValueError("storage_path is required on Ray (checkpoints and metrics live there)")
     ensure_ray(address)
-    trainer = build_trainer(config, storage_path=_absolute(storage_path), name=name)
+    trainer = build_trainer(config, storage_path=_absolute(storage_path), name=name, callbacks=callbacks)
     result = trainer.fit()
     if result.error is not None:
         raise result.error

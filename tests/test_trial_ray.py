@@ -53,3 +53,42 @@ def test_two_sam_workers_first_epoch_loss_close_to_one_worker(ray_cluster, tmp_p
     one = run_trial(TrialConfig(epochs=1, lr=0.05, batch_size=64), local=True, storage_path=None)
     assert two.history["train/loss"].iloc[0] == pytest.approx(one.history["train/loss"].iloc[0], rel=0.15)
     assert two.metrics["val/top1"] > 80.0
+
+
+def test_worker_crash_resumes_from_last_checkpoint_and_matches_uninterrupted_run(ray_cluster, tmp_path):
+    # The first attempt's worker dies during epoch 1 (after epoch 0's checkpoint was reported); Ray
+    # Train restarts the worker group (max_failures=1) and the loop resumes from that checkpoint.
+    # Resume restores model, optimizer, scheduler and RNG, so the result equals a run that never failed.
+    from pf_sweep.trial import build_trainer
+
+    marker, reports = tmp_path / "crashed-once", tmp_path / "reports.txt"
+
+    def crash_once_in_epoch_1(config):
+        from pf_sweep import train
+        from pf_sweep.session import RaySession
+
+        class CrashingSession(RaySession):
+            def report(self, metrics, write_checkpoint):
+                with reports.open("a") as f:
+                    f.write(f"{int(metrics['epoch'])}\n")
+                if metrics["epoch"] == 1 and not marker.exists():
+                    marker.touch()
+                    raise RuntimeError("injected worker failure")
+                super().report(metrics, write_checkpoint)
+
+        train.run(train.TrialConfig.from_dict(config), CrashingSession())
+
+    cfg = TrialConfig(epochs=3, lr=0.05, batch_size=64, seed=11, method="sam", rho=0.05, max_failures=1)
+    result = build_trainer(cfg, storage_path=str(tmp_path), name="crash", train_fn=crash_once_in_epoch_1).fit()
+    assert result.error is None
+    assert marker.exists(), "the failure was never injected"
+    assert reports.read_text().split() == ["0", "1", "1", "2"], "the restarted group did not resume after epoch 0"
+    resumed = pd.read_json(os.path.join(result.checkpoint.path, "metrics.json"))
+    clean = run_trial(cfg, local=True, storage_path=None)
+    assert list(resumed["epoch"]) == [0.0, 1.0, 2.0]
+    pd.testing.assert_frame_equal(NOT_TIMING(resumed), NOT_TIMING(clean.history), check_dtype=False)
+
+
+def test_run_trial_rejects_callbacks_in_process():
+    with pytest.raises(ValueError, match="callbacks"):
+        run_trial(TrialConfig(epochs=1), local=True, storage_path=None, callbacks=[object()])
