@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,10 +27,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial")
     p.add_argument("--cpus-per-worker", type=float)
     p.add_argument("--gpus-per-worker", type=float)
-    p.add_argument("--storage", default="results", help="directory (or URI) holding all sweeps")
+    p.add_argument("--storage", default="results", help="directory or URI (s3://, gs://) holding all sweeps")
     p.add_argument("--name", help="sweep name (default: the space name)")
     p.add_argument("--address", help="Ray cluster to join: auto or HOST:PORT (default: start a local Ray)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial (each resumes its checkpoint)")
+    p.add_argument(
+        "--optuna-storage", metavar="URL", help="SQLAlchemy URL of the Optuna study (default: sqlite optuna.db in the sweep)"
+    )
+    p.add_argument(
+        "--log",
+        dest="loggers",
+        action="append",
+        default=[],
+        choices=["tensorboard", "wandb", "mlflow"],
+        help="also log trials to this tracker (repeatable; its package must be installed)",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -64,6 +75,8 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
             value = getattr(args, option)
             if value is not None and value < 1:
                 raise ValueError(f"Invalid --{option.replace('_', '-')}: {value} (must be >= 1)")
+        if args.max_failures < 0:
+            raise ValueError(f"Invalid --max-failures: {args.max_failures} (must be >= 0)")
         settings = SweepSettings(
             num_samples=args.num_samples or space.num_samples,
             max_concurrent=args.max_concurrent or space.max_concurrent,
@@ -73,9 +86,13 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
             cpus_per_worker=args.cpus_per_worker if args.cpus_per_worker is not None else space.cpus_per_worker,
             gpus_per_worker=args.gpus_per_worker if args.gpus_per_worker is not None else space.gpus_per_worker,
             overrides=overrides,
+            max_failures=args.max_failures,
+            optuna_storage=args.optuna_storage,
+            loggers=list(dict.fromkeys(args.loggers)),
         )
         if settings.cpus_per_worker <= 0 or settings.gpus_per_worker < 0:
             raise ValueError("Invalid resources: --cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
+        settings.validate()
         per_trial = settings.workers_per_trial * settings.cpus_per_worker
         if args.address is None:
             cpus = os.cpu_count() or 1
@@ -83,7 +100,8 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
                 raise ValueError(f"Impossible resources: one trial needs {per_trial:g} CPUs, this machine has {cpus}")
             settings.max_concurrent = max(1, min(settings.max_concurrent, int(cpus // per_trial)))
         base = trial_base(space, settings)
-        for params in space.sample(min(3, settings.num_samples), seed=args.seed):
+        # Every grid point (they are few and known), or the first proposals of a searched space.
+        for params in space.sample(10**6 if space.grid is not None else min(3, settings.num_samples), seed=args.seed):
             space.config_for(params, {**base})
     except ValueError as err:
         parser.exit(2, f"run_sweep.py: error: {err}\n")
@@ -100,22 +118,39 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:24s} {search_spaces.get(name).description}")
         return 0
     space, settings, name = resolve(args, parser)
-    sweep_dir = Path(args.storage) / name
-    if args.dry_run:
-        from pf_sweep.sweep import trial_base
+    from pf_sweep.storage import StoragePath
+    from pf_sweep.sweep import SWEEP_FILE, optuna_storage_url, read_sweep, trial_base
 
+    sweep_dir = StoragePath.of(args.storage) / name
+    exists = (sweep_dir / SWEEP_FILE).exists()
+    try:
+        if args.resume:
+            meta = read_sweep(str(sweep_dir))
+            metric, mode = meta["metric"], meta["mode"]
+        elif exists and not args.dry_run:
+            raise ValueError(f"A sweep named {name!r} already exists in {sweep_dir.parent}: add --resume, or pick another --name")
+        else:
+            metric, mode = space.metric, space.mode
+    except ValueError as err:
+        parser.exit(2, f"run_sweep.py: error: {err}\n")
+    if args.dry_run:
         print(f"space: {space.description}")
         print(f"metric: {space.metric} ({space.mode})")
         print(f"settings: {json.dumps(settings.__dict__)}")
         print(f"base config: {json.dumps(trial_base(space, settings), sort_keys=True)}")
-        for i, params in enumerate(space.sample(min(3, settings.num_samples), seed=args.seed)):
+        total = len(space.sample(10**6)) if space.grid is not None else settings.num_samples
+        print(f"trials: {total} ({'grid' if space.grid is not None else 'Optuna TPE'}), first ones:")
+        for i, params in enumerate(space.sample(min(3, total), seed=args.seed)):
             print(f"trial {i}: {json.dumps(params, sort_keys=True)}")
-        print(f"results would go to: {sweep_dir.resolve()}")
+        print(f"results would go to: {sweep_dir}")
         return 0
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from pf_sweep import sweep
 
+    study_url = meta["optuna_storage"] if args.resume else optuna_storage_url(settings, sweep_dir)
+    if study_url and space.grid is None:
+        print(f"Optuna study {name!r} in {study_url} (watch it live: optuna-dashboard {study_url})")
     try:
         if args.resume:
             results = sweep.resume(str(sweep_dir), address=args.address)
@@ -124,13 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nInterrupted. Continue with: python run_sweep.py --storage {args.storage} --name {name} --resume")
         return 130
-    best, frame = sweep.summarize(results, space.metric, space.mode)
+    best, frame = sweep.summarize(results, metric, mode)
     summary = sweep_dir / "summary.csv"
-    frame.to_csv(summary, index=False)
-    print(f"\nBest trial ({space.metric} = {best['metrics'].get(space.metric)}):")
+    summary.write_text(frame.to_csv(index=False))
+    print(f"\nBest trial ({metric} = {best['metrics'].get(metric)}):")
     print(json.dumps(best["config"], indent=1, sort_keys=True))
     print(f"checkpoint: {best['checkpoint']}")
-    print(f"results: {sweep_dir.resolve()}  summary: {summary.resolve()}")
+    print(f"results: {sweep_dir}  summary: {summary}")
     return 0
 
 

@@ -7,24 +7,31 @@ share; otherwise on a 2-CPU machine two trial actors would hold both CPUs and th
 would never start.
 
 Layout under ``<storage>/<name>/``: Tune's experiment state, ``sweep.json`` (what was asked for),
-and ``runs/train-<trial id>/`` (each trial's Train run: checkpoints with config and metrics).
+``optuna.db`` (the Optuna study, for ``optuna-dashboard`` and Optuna's plots), and
+``runs/train-<trial id>/`` (each trial's Train run: checkpoints with config and metrics).
+``<storage>`` is a local directory or a URI (``s3://``, ``gs://``, ``file://``) read and written
+through pyarrow filesystems, like Ray itself does.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pf_sweep import __version__
 from pf_sweep.config import TrialConfig
+from pf_sweep.storage import StoragePath
 from pf_sweep.trial import build_trainer, ensure_ray
 
 logger = logging.getLogger(__name__)
 TRIAL_ACTOR_CPU = 0.01
 SWEEP_FILE = "sweep.json"
+OPTUNA_FILE = "optuna.db"
+# --log choice -> (package that must be importable, what to install).
+LOGGERS = {"tensorboard": "tensorboardX", "wandb": "wandb", "mlflow": "mlflow"}
 
 
 class Space(Protocol):
@@ -51,6 +58,33 @@ class SweepSettings:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     overrides: dict[str, Any] | None = None
+    max_failures: int = 1  # Tune-level retries of a failed trial; each retry resumes its Train run
+    optuna_storage: str | None = None  # SQLAlchemy URL; None: sqlite file in a local sweep directory
+    loggers: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        """Raise ValueError for settings that could never run (checked before Ray starts)."""
+        for name in ("num_samples", "max_concurrent", "workers_per_trial"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Invalid {name}: {getattr(self, name)} (must be >= 1)")
+        if self.scheduler not in ("fifo", "asha"):
+            raise ValueError(f"Invalid scheduler: {self.scheduler!r} (allowed: fifo, asha)")
+        if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
+            raise ValueError("Invalid resources: cpus_per_worker must be > 0 and gpus_per_worker >= 0")
+        if self.max_failures < 0:
+            raise ValueError(f"Invalid max_failures: {self.max_failures} (must be >= 0)")
+        for name in self.loggers:
+            if name not in LOGGERS:
+                raise ValueError(f"Invalid logger: {name!r} (allowed: {', '.join(LOGGERS)})")
+            if importlib.util.find_spec(LOGGERS[name]) is None:
+                raise ValueError(f"--log {name} needs the {LOGGERS[name]!r} package: pip install {LOGGERS[name]}")
+        if self.optuna_storage is not None:
+            import sqlalchemy.engine
+
+            try:
+                sqlalchemy.engine.make_url(self.optuna_storage)
+            except Exception as err:  # sqlalchemy raises its own ArgumentError
+                raise ValueError(f"Invalid Optuna storage URL {self.optuna_storage!r}: {err}") from None
 
 
 def _trial_fn(config: dict[str, Any], base: dict[str, Any], runs_dir: str) -> None:
@@ -77,17 +111,36 @@ def trial_base(space: Space, settings: SweepSettings) -> dict[str, Any]:
     return base
 
 
-def _searcher(space: Space, settings: SweepSettings):
+def optuna_storage_url(settings: SweepSettings, sweep_dir: StoragePath) -> str | None:
+    """Where the Optuna study lives: the flag's URL, else ``optuna.db`` beside a local sweep.
+
+    A sweep on cloud storage without a URL keeps its study in memory (SQLite cannot live on object
+    storage); Tune's own searcher checkpoint still carries it across a resume.
+    """
+    if settings.optuna_storage:
+        return settings.optuna_storage
+    return f"sqlite:///{sweep_dir / OPTUNA_FILE}" if sweep_dir.is_local else None
+
+
+def _searcher(space: Space, settings: SweepSettings, study_name: str, storage_url: str | None):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True)
+    storage = None
+    if storage_url is not None:
+        storage = optuna.storages.RDBStorage(storage_url)
+        if study_name in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
+            # Tune asks OptunaSearch for a fresh study; a stale one of the same name would mix two sweeps.
+            optuna.delete_study(study_name=study_name, storage=storage)
     return OptunaSearch(
         space=space.suggest,
         metric=space.metric,
         mode=space.mode,
         points_to_evaluate=list(space.points_to_evaluate) or None,
         sampler=sampler,
+        study_name=study_name,
+        storage=storage,
     )
 
 
@@ -100,61 +153,118 @@ def _scheduler(space: Space, settings: SweepSettings, base: dict[str, Any]):
     return FIFOScheduler()
 
 
+def _callbacks(settings: SweepSettings, space: Space, sweep_dir: StoragePath, name: str, total: int) -> list[Any]:
+    from pf_sweep.progress import SweepProgress
+
+    callbacks: list[Any] = [SweepProgress(space.metric, space.mode, total)]
+    for logger_name in settings.loggers:
+        if logger_name == "tensorboard":
+            from ray.tune.logger import TBXLoggerCallback
+
+            callbacks.append(TBXLoggerCallback())
+        elif logger_name == "wandb":
+            from ray.air.integrations.wandb import WandbLoggerCallback
+
+            callbacks.append(WandbLoggerCallback(project=name))
+        elif logger_name == "mlflow":
+            from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+            uri = f"file://{sweep_dir / 'mlruns'}" if sweep_dir.is_local else None
+            callbacks.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=name))
+    return callbacks
+
+
+def _trainable(base: dict[str, Any], sweep_dir: StoragePath):
+    from ray import tune
+
+    return tune.with_resources(
+        tune.with_parameters(_trial_fn, base=base, runs_dir=str(sweep_dir / "runs")), {"cpu": TRIAL_ACTOR_CPU}
+    )
+
+
 def launch(space: Space, settings: SweepSettings, *, storage_path: str, name: str, address: str | None = None):
     """Run the sweep to completion; returns Tune's ``ResultGrid``."""
     from ray import tune
 
+    settings.validate()
     base = trial_base(space, settings)
-    sweep_dir = Path(storage_path).expanduser().resolve() / name
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / SWEEP_FILE).write_text(
-        json.dumps({"space": space.name, "settings": settings.__dict__, "base": base, "version": __version__}, indent=1)
-    )
+    sweep_dir = StoragePath.of(storage_path) / name
+    sweep_dir.mkdir()
+    storage_url = optuna_storage_url(settings, sweep_dir)
+    meta = {
+        "space": space.name,
+        "metric": space.metric,
+        "mode": space.mode,
+        "settings": settings.__dict__,
+        "base": base,
+        "optuna_storage": storage_url,
+    }
+    (sweep_dir / SWEEP_FILE).write_text(json.dumps({**meta, "version": __version__}, indent=1))
     ensure_ray(address)
-    trainable = tune.with_resources(
-        tune.with_parameters(_trial_fn, base=base, runs_dir=str(sweep_dir / "runs")), {"cpu": TRIAL_ACTOR_CPU}
-    )
+    total = settings.num_samples
     if space.grid is not None:
-        tune_config = tune.TuneConfig(
-            metric=space.metric,
-            mode=space.mode,
-            num_samples=1,
-            max_concurrent_trials=settings.max_concurrent,
-            scheduler=_scheduler(space, settings, base),
-        )
+        total = 1
+        for values in space.grid.values():
+            total *= len(values)
+        search = {"num_samples": 1}
         param_space = {k: tune.grid_search(v) for k, v in space.grid.items()}
     else:
-        tune_config = tune.TuneConfig(
-            metric=space.metric,
-            mode=space.mode,
-            num_samples=settings.num_samples,
-            max_concurrent_trials=settings.max_concurrent,
-            search_alg=_searcher(space, settings),
-            scheduler=_scheduler(space, settings, base),
-        )
+        search = {"num_samples": settings.num_samples, "search_alg": _searcher(space, settings, name, storage_url)}
         param_space = None
     tuner = tune.Tuner(
-        trainable,
+        _trainable(base, sweep_dir),
         param_space=param_space,
-        tune_config=tune_config,
-        run_config=tune.RunConfig(name=name, storage_path=str(sweep_dir.parent)),
+        tune_config=tune.TuneConfig(
+            metric=space.metric,
+            mode=space.mode,
+            max_concurrent_trials=settings.max_concurrent,
+            scheduler=_scheduler(space, settings, base),
+            **search,
+        ),
+        run_config=_run_config(settings, space, sweep_dir, name, total),
     )
     return tuner.fit()
 
 
-def resume(sweep_path: str, *, address: str | None = None):
-    """Continue an interrupted sweep: finished trials kept, unfinished ones resumed from checkpoints."""
+def _run_config(settings: SweepSettings, space: Space, sweep_dir: StoragePath, name: str, total: int):
     from ray import tune
 
-    sweep_dir = Path(sweep_path).expanduser().resolve()
-    meta = json.loads((sweep_dir / SWEEP_FILE).read_text())
-    if not tune.Tuner.can_restore(str(sweep_dir)):
-        raise ValueError(f"No restorable sweep at {sweep_dir}")
-    ensure_ray(address)
-    trainable = tune.with_resources(
-        tune.with_parameters(_trial_fn, base=meta["base"], runs_dir=str(sweep_dir / "runs")), {"cpu": TRIAL_ACTOR_CPU}
+    return tune.RunConfig(
+        name=name,
+        storage_path=str(sweep_dir.parent),
+        failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+        callbacks=_callbacks(settings, space, sweep_dir, name, total),
     )
-    tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True)
+
+
+def read_sweep(sweep_path: str) -> dict[str, Any]:
+    """The stored ``sweep.json`` of a sweep directory (or URI)."""
+    sweep_dir = StoragePath.of(sweep_path)
+    meta_file = sweep_dir / SWEEP_FILE
+    if not meta_file.exists():
+        raise ValueError(f"No sweep at {sweep_dir} (it has no {SWEEP_FILE}); check --storage and --name")
+    return json.loads(meta_file.read_text())
+
+
+def resume(sweep_path: str, *, address: str | None = None):
+    """Continue an interrupted sweep: finished trials kept, unfinished ones resumed from checkpoints.
+
+    The searcher (with its Optuna study) comes back from Tune's own checkpoint; callbacks are
+    rebuilt from the stored settings.
+    """
+    from ray import tune
+
+    sweep_dir = StoragePath.of(sweep_path)
+    meta = read_sweep(sweep_path)
+    if not tune.Tuner.can_restore(str(sweep_dir)):
+        raise ValueError(f"No restorable sweep at {sweep_dir} (Tune saved no experiment state there)")
+    ensure_ray(address)
+    tuner = tune.Tuner.restore(
+        str(sweep_dir),
+        _trainable(meta["base"], sweep_dir),
+        resume_unfinished=True,
+        resume_errored=True,
+    )
     return tuner.fit()
 
 

@@ -22,6 +22,7 @@ import pandas as pd
 
 from pf_sweep.checkpoint import METRICS_FILE
 from pf_sweep.config import TrialConfig
+from pf_sweep.storage import StoragePath
 
 logger = logging.getLogger(__name__)
 
@@ -108,15 +109,19 @@ def build_trainer(
     )
 
 
-def _absolute(storage_path: str) -> str:
-    return storage_path if "://" in storage_path else str(Path(storage_path).expanduser().resolve())
+def checkpoint_location(checkpoint: Any) -> str:
+    """A ``ray.train.Checkpoint`` as a local path or a URI (its ``.path`` alone drops the scheme)."""
+    fs_type = checkpoint.filesystem.type_name
+    if fs_type == "local":
+        return checkpoint.path
+    return f"{'gs' if fs_type == 'gcs' else fs_type}://{checkpoint.path}"
 
 
-def _history(checkpoint_dir: str | None, last: dict[str, float]) -> pd.DataFrame:
+def _history(checkpoint: str | None, last: dict[str, float]) -> pd.DataFrame:
     """Every report: those stored with the latest checkpoint, plus the last one if it came later."""
     rows: list[dict[str, float]] = []
-    if checkpoint_dir is not None:
-        metrics_file = Path(checkpoint_dir) / METRICS_FILE
+    if checkpoint is not None:
+        metrics_file = StoragePath.of(checkpoint) / METRICS_FILE
         if metrics_file.exists():
             rows = json.loads(metrics_file.read_text())
     if last and (not rows or rows[-1].get("epoch") != last.get("epoch")):
@@ -160,11 +165,11 @@ def run_trial(
     if storage_path is None:
         raise ValueError("storage_path is required on Ray (checkpoints and metrics live there)")
     ensure_ray(address)
-    trainer = build_trainer(config, storage_path=_absolute(storage_path), name=name, callbacks=callbacks)
+    trainer = build_trainer(config, storage_path=str(StoragePath.of(storage_path)), name=name, callbacks=callbacks)
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    checkpoint = checkpoint_location(result.checkpoint) if result.checkpoint is not None else None
     return TrialResult(
         metrics=dict(result.metrics or {}),
         history=_history(checkpoint, dict(result.metrics or {})),

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -34,6 +38,27 @@ def test_unknown_space_names_the_shipped_ones():
         search_spaces.get("nope")
 
 
+@pytest.fixture
+def no_ray_path(tmp_path):
+    """A PYTHONPATH entry whose ``ray`` package fails on import: proof that Ray was never started."""
+    fake = tmp_path / "fake-ray" / "ray"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('ray must not be imported on bad input')\n")
+    return str(fake.parent)
+
+
+def _cli(args, *, storage, pythonpath=None, timeout=60):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (pythonpath, str(ROOT)) if p)}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run_sweep.py"), "--storage", str(storage), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=storage.parent,
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -42,21 +67,33 @@ def test_unknown_space_names_the_shipped_ones():
         (["--set", "bogus=1"], "Unknown TrialConfig field 'bogus'"),
         (["--set", "rho"], "expected FIELD=VALUE"),
         (["--set", "batch_size=60"], "sharpness_m"),
+        (["--space", "m_sharpness_study", "--set", "batch_size=48"], "Invalid sharpness_m: 32"),
         (["--cpus-per-worker", "64"], "Impossible resources"),
         (["--num-samples", "0"], "--num-samples"),
+        (["--max-failures", "-1"], "--max-failures"),
+        (["--optuna-storage", "not a url"], "Invalid Optuna storage URL"),
+        (["--log", "wandb"], "needs the 'wandb' package"),
+        (["--name", "missing", "--resume"], "No sweep at"),
     ],
 )
-def test_cli_rejects_bad_arguments_with_exit_2_before_ray(args, message, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "run_sweep.py"), "--storage", str(tmp_path), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+def test_cli_rejects_bad_arguments_with_exit_2_before_ray(args, message, tmp_path, no_ray_path):
+    if args[:2] == ["--log", "wandb"] and importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    storage = tmp_path / "store"
+    proc = _cli(args, storage=storage, pythonpath=no_ray_path)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
-    assert not any(tmp_path.iterdir())
+    assert proc.stderr.count("\n") == 1, proc.stderr  # one message, no traceback
+    assert not storage.exists()
+
+
+def test_cli_refuses_to_overwrite_an_existing_sweep(tmp_path, no_ray_path):
+    storage = tmp_path / "store"
+    (storage / "old").mkdir(parents=True)
+    (storage / "old" / "sweep.json").write_text("{}")
+    proc = _cli(["--name", "old"], storage=storage, pythonpath=no_ray_path)
+    assert proc.returncode == 2 and "--resume" in proc.stderr
+    assert sorted(p.name for p in (storage / "old").iterdir()) == ["sweep.json"]
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
@@ -101,3 +138,68 @@ def test_four_trial_sweep_finishes_and_reports_the_best_stored_trial(tmp_path):
     assert f"val/top1 = {best_value}" in proc.stdout
     runs = sorted((sweep_dir / "runs").iterdir())
     assert len(runs) == 4 and all(any(r.glob("checkpoint_*/state.pt")) for r in runs)
+    # The Optuna study is in the sweep's SQLite file, where optuna-dashboard and Optuna's plots read it.
+    import optuna
+
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    values = sorted(t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+    assert values == sorted(summary["val/top1"])
+    assert "4/4 done, best val/top1" in proc.stderr
+
+
+def _finished_and_running(runs: Path, last_epoch: int) -> tuple[list[Path], list[Path]]:
+    finished, running = [], []
+    for run in runs.glob("train-*"):
+        epochs = [int(c.name.split("_")[1]) for c in run.glob("checkpoint_*") if (c / "metrics.json").exists()]
+        if epochs:
+            (finished if max(epochs) == last_epoch else running).append(run)
+    return finished, running
+
+
+def _tune_epochs(sweep_dir: Path) -> dict[str, list[int]]:
+    """Epochs each Tune trial reported, in order (Tune's own result.json per trial)."""
+    out = {}
+    for result in sweep_dir.glob("*/result.json"):
+        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        out[rows[0]["trial_id"] if rows else result.parent.name] = [int(r["epoch"]) for r in rows]
+    return out
+
+
+@pytest.mark.ray
+def test_killed_sweep_driver_resumes_without_losing_or_repeating_trials(tmp_path):
+    # One trial at a time; SIGKILL the driver's whole process group (driver and its local Ray) once one
+    # trial has finished and the next has checkpointed an epoch but not finished. `--resume` must
+    # keep the finished trial, continue the interrupted one from its checkpoint, and run the rest.
+    epochs, storage = 4, tmp_path / "store"
+    args = ["--name", "k", "--num-samples", "3", "--max-concurrent", "1", "--set", f"epochs={epochs}"]
+    args += ["--set", "train_split=train[:768]"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "run_sweep.py"), "--storage", str(storage), *args]
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    runs, deadline = storage / "k" / "runs", time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and driver.poll() is None:
+            finished, running = _finished_and_running(runs, epochs - 1)
+            if finished and running:
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert finished and running, "never saw one finished and one running trial before the deadline"
+    before = _tune_epochs(storage / "k")
+
+    proc = _cli([*args, "--resume"], storage=storage, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = pd.read_csv(storage / "k" / "summary.csv")
+    assert len(summary) == 3 and set(summary["epoch"]) == {epochs - 1}
+    after = _tune_epochs(storage / "k")
+    assert len(after) == 3
+    for trial_id, reported in after.items():
+        assert reported[-1] == epochs - 1 and reported == sorted(set(reported)), f"trial {trial_id}: {reported}"
+    for run in finished:
+        trial_id = run.name.removeprefix("train-")
+        assert after[trial_id] == before[trial_id], "a finished trial ran again"
+    for run in running:
+        # Tune keeps only the results after the restore; the first one must follow the checkpoint.
+        assert after[run.name.removeprefix("train-")][0] >= 1, "the interrupted trial started over"

@@ -92,3 +92,12 @@ def test_worker_crash_resumes_from_last_checkpoint_and_matches_uninterrupted_run
 def test_run_trial_rejects_callbacks_in_process():
     with pytest.raises(ValueError, match="callbacks"):
         run_trial(TrialConfig(epochs=1), local=True, storage_path=None, callbacks=[object()])
+
+
+def test_uri_storage_keeps_checkpoints_and_history(ray_cluster, tmp_path):
+    # A URI goes through pyarrow filesystems (as s3:// or gs:// would); file:// needs no network.
+    cfg = TrialConfig(epochs=2, lr=0.05, batch_size=64, seed=3, method="sgd")
+    result = run_trial(cfg, storage_path=f"file://{tmp_path}/store", name="uri")
+    assert list(result.history["epoch"]) == [0.0, 1.0]
+    assert (tmp_path / "store" / "uri").is_dir()
+    assert any((tmp_path / "store" / "uri").glob("checkpoint_*/state.pt"))
