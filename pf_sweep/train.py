@@ -190,6 +190,7 @@ def run(cfg: TrialConfig, session: Session) -> None:
         scheduler.step(epoch + 1)
         epoch_s = time.perf_counter() - t0
         val = evaluate(bare, data.val, session, cfg.amp)
+        eval_s = time.perf_counter() - t0 - epoch_s
         metrics: dict[str, float] = {
             "epoch": float(epoch),
             "step": float(step),
@@ -200,6 +201,7 @@ def run(cfg: TrialConfig, session: Session) -> None:
             "val/top1": val["top1"],
             "val/top5": val["top5"],
             "time/epoch_s": epoch_s,
+            "time/eval_s": eval_s,
             "time/samples_per_s": len(data.train) * cfg.batch_size * session.world_size / epoch_s,
         }
         last = epoch == cfg.epochs - 1

@@ -203,3 +203,29 @@ def test_killed_sweep_driver_resumes_without_losing_or_repeating_trials(tmp_path
     for run in running:
         # Tune keeps only the results after the restore; the first one must follow the checkpoint.
         assert after[run.name.removeprefix("train-")][0] >= 1, "the interrupted trial started over"
+
+
+def test_log_flag_adds_the_tracker_callback_and_progress_counts_finished_trials(tmp_path, caplog):
+    from ray.tune.logger import TBXLoggerCallback
+
+    from pf_sweep.progress import SweepProgress
+    from pf_sweep.storage import StoragePath
+    from pf_sweep.sweep import SweepSettings, _callbacks
+
+    space = search_spaces.get("digits_cpu")
+    settings = SweepSettings(num_samples=3, max_concurrent=1, loggers=["tensorboard"])
+    settings.validate()
+    callbacks = _callbacks(settings, space, StoragePath.of(tmp_path), "s", 3)
+    assert [type(c) for c in callbacks] == [SweepProgress, TBXLoggerCallback]
+
+    class FakeTrial:
+        def __init__(self, trial_id, status="RUNNING"):
+            self.trial_id, self.status = trial_id, status
+
+    progress = callbacks[0]
+    a, b, c = FakeTrial("a", "TERMINATED"), FakeTrial("b"), FakeTrial("c", "PENDING")
+    progress.on_trial_result(0, [a, b, c], b, {"val/top1": 91.0})
+    progress.on_trial_result(0, [a, b, c], b, {"val/top1": 88.0})  # worse: the best stays
+    with caplog.at_level("INFO", logger="pf_sweep.progress"):
+        progress.on_trial_complete(0, [a, b, c], b)
+    assert "trial b finished: 2/3 done, best val/top1 91 (trial b)" in caplog.text

@@ -45,6 +45,7 @@ def test_sam_trial_on_digits_reaches_90_percent_and_reports_forgetting(perturbat
         "val/top1",
         "val/top5",
         "time/epoch_s",
+        "time/eval_s",
         "time/samples_per_s",
         "eval/train_subset/top1",
         "gen_gap",
