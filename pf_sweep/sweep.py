@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -169,7 +170,7 @@ def _callbacks(settings: SweepSettings, space: Space, sweep_dir: StoragePath, na
         elif logger_name == "mlflow":
             from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-            uri = f"file://{sweep_dir / 'mlruns'}" if sweep_dir.is_local else None
+            uri = os.environ.get("MLFLOW_TRACKING_URI") or (f"file://{sweep_dir / 'mlruns'}" if sweep_dir.is_local else None)
             callbacks.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=name))
     return callbacks
 
