@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 
@@ -147,17 +148,27 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from pf_sweep import sweep
+    from pf_sweep.trial import ensure_ray
 
     study_url = meta["optuna_storage"] if args.resume else optuna_storage_url(settings, sweep_dir)
     if study_url and space.grid is None:
         print(f"Optuna study {name!r} in {study_url} (watch it live: optuna-dashboard {study_url})")
+    resume_hint = f"python run_sweep.py --storage {args.storage} --name {name} --resume"
+    planned = meta["trials"] if args.resume else sweep.planned_trials(space, settings)
     try:
+        ensure_ray(args.address)
+        # `ray job stop` and Kubernetes send SIGTERM: stop the way Ctrl-C does (Tune saves its state on
+        # SIGINT). Installed after ray.init, whose own SIGTERM handler aborts the driver.
+        signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
         if args.resume:
             results = sweep.resume(str(sweep_dir), address=args.address)
         else:
             results = sweep.launch(space, settings, storage_path=args.storage, name=name, address=args.address)
     except KeyboardInterrupt:
-        print(f"\nInterrupted. Continue with: python run_sweep.py --storage {args.storage} --name {name} --resume")
+        print(f"\nInterrupted. Continue with: {resume_hint}")
+        return 130
+    if results.num_terminated + results.num_errors < planned:  # Tune returns normally after a SIGINT
+        print(f"\nInterrupted after {results.num_terminated} of {planned} trials. Continue with: {resume_hint}")
         return 130
     best, frame = sweep.summarize(results, metric, mode)
     summary = sweep_dir / "summary.csv"

@@ -93,6 +93,7 @@ class TrialConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # with use_gpu; a fraction packs several one-worker trials on a GPU
     checkpoint_every: int = 1
     log_every: int = 0
     max_failures: int = 0
@@ -256,6 +257,14 @@ def _validate(c: TrialConfig) -> None:
     _require(0 <= c.snp_factor <= 1, "snp_factor", c.snp_factor, "must be in [0, 1]")
     _require(c.clip_grad is None or c.clip_grad > 0, "clip_grad", c.clip_grad, "must be > 0 or None")
     _require(c.cpus_per_worker > 0, "cpus_per_worker", c.cpus_per_worker, "must be > 0")
+    _require(c.gpus_per_worker > 0, "gpus_per_worker", c.gpus_per_worker, "must be > 0 (use_gpu=False for none)")
+    # NCCL refuses two ranks on one GPU, and a fractional share lets Ray place them there.
+    _require(
+        c.gpus_per_worker >= 1 or c.num_workers == 1 or not c.use_gpu,
+        "gpus_per_worker",
+        c.gpus_per_worker,
+        "must be >= 1 when num_workers > 1 (NCCL cannot run two ranks on one GPU)",
+    )
     _require(c.img_size is None or c.img_size >= 1, "img_size", c.img_size, "must be >= 1")
     _require(c.num_classes is None or c.num_classes >= 2, "num_classes", c.num_classes, "must be >= 2")
     _require(c.crop_pct is None or 0 < c.crop_pct <= 1, "crop_pct", c.crop_pct, "must be in (0, 1]")

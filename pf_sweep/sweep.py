@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -108,8 +109,17 @@ def trial_base(space: Space, settings: SweepSettings) -> dict[str, Any]:
         cpus_per_worker=settings.cpus_per_worker,
         use_gpu=settings.gpus_per_worker > 0,
     )
+    if settings.gpus_per_worker > 0:
+        base["gpus_per_worker"] = settings.gpus_per_worker
     TrialConfig.from_dict(base)  # fail here, before any Ray work, if the fixed part is invalid
     return base
+
+
+def planned_trials(space: Space, settings: SweepSettings) -> int:
+    """How many trials the sweep runs: every grid point, or the sample budget."""
+    if space.grid is None:
+        return settings.num_samples
+    return math.prod(len(values) for values in space.grid.values())
 
 
 def optuna_storage_url(settings: SweepSettings, sweep_dir: StoragePath) -> str | None:
@@ -192,6 +202,7 @@ def launch(space: Space, settings: SweepSettings, *, storage_path: str, name: st
     sweep_dir = StoragePath.of(storage_path) / name
     sweep_dir.mkdir()
     storage_url = optuna_storage_url(settings, sweep_dir)
+    total = planned_trials(space, settings)
     meta = {
         "space": space.name,
         "metric": space.metric,
@@ -199,14 +210,11 @@ def launch(space: Space, settings: SweepSettings, *, storage_path: str, name: st
         "settings": settings.__dict__,
         "base": base,
         "optuna_storage": storage_url,
+        "trials": total,
     }
     (sweep_dir / SWEEP_FILE).write_text(json.dumps({**meta, "version": __version__}, indent=1))
     ensure_ray(address)
-    total = settings.num_samples
     if space.grid is not None:
-        total = 1
-        for values in space.grid.values():
-            total *= len(values)
         search = {"num_samples": 1}
         param_space = {k: tune.grid_search(v) for k, v in space.grid.items()}
     else:

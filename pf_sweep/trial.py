@@ -93,7 +93,7 @@ def build_trainer(
 
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
-        resources["GPU"] = 1
+        resources["GPU"] = cfg.gpus_per_worker
     return TorchTrainer(
         train_fn or train_loop,
         train_loop_config=cfg.to_dict(),

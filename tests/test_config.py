@@ -97,6 +97,12 @@ BAD_INPUTS = [
     ("crop_pct above 1", {"crop_pct": 1.5}, r"Invalid crop_pct: 1\.5 \(must be in \(0, 1\]\)"),
     ("hflip above 1", {"hflip": 2.0}, r"Invalid hflip: 2\.0 \(must be in \[0, 1\]\)"),
     ("num_classes 1", {"num_classes": 1}, r"Invalid num_classes: 1 \(must be >= 2\)"),
+    ("gpu share zero", {"use_gpu": True, "gpus_per_worker": 0.0}, r"Invalid gpus_per_worker: 0.0 \(must be > 0"),
+    (
+        "fractional gpu with two workers",
+        {"use_gpu": True, "gpus_per_worker": 0.5, "num_workers": 2},
+        r"Invalid gpus_per_worker: 0.5 \(must be >= 1 when num_workers > 1",
+    ),
 ]
 
 

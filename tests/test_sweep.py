@@ -229,3 +229,20 @@ def test_log_flag_adds_the_tracker_callback_and_progress_counts_finished_trials(
     with caplog.at_level("INFO", logger="pf_sweep.progress"):
         progress.on_trial_complete(0, [a, b, c], b)
     assert "trial b finished: 2/3 done, best val/top1 91 (trial b)" in caplog.text
+
+
+@pytest.mark.ray
+def test_sigterm_stops_the_sweep_cleanly_and_prints_the_resume_command(tmp_path):
+    # What `ray job stop` or Kubernetes sends: the CLI turns it into Tune's graceful Ctrl-C stop.
+    storage = tmp_path / "store"
+    args = ["--name", "t", "--num-samples", "3", "--max-concurrent", "1", "--set", "epochs=4"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "run_sweep.py"), "--storage", str(storage), *args]
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and driver.poll() is None and not any((storage / "t" / "runs").glob("*/checkpoint_*")):
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGTERM)
+    out, _ = driver.communicate(timeout=240)
+    assert driver.returncode == 130, out[-3000:]
+    assert f"--storage {storage} --name t --resume" in out
