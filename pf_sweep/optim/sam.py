@@ -228,14 +228,33 @@ class SAM(torch.optim.Optimizer):
         return self._norm_cache[1]
 
     # ----------------------------------------------------------------------------- the step
-    def _ascent_gradient_(self, objective: torch.Tensor, params: list[torch.Tensor], out: FlatBuffer) -> None:
-        """out <- gradient of the perturbation objective at w (RandSAM overrides this)."""
-        grads = torch.autograd.grad(objective, params, allow_unused=True)
-        _copy_grads_(out.views, grads)
+    def _ascent_gradients(self, objective: torch.Tensor, params: list[torch.Tensor]) -> Sequence[torch.Tensor | None]:
+        """Gradient of the perturbation objective at w, one tensor per parameter (RandSAM overrides this).
 
-    def _perturb_(self, params: list[torch.Tensor], rho: float) -> None:
-        """Steps 2 of DESIGN.md on the ascent gradient already in the ``direction`` buffer: w <- w + e."""
+        The tensors are autograd's own outputs: nobody else holds them, so ``_perturb_`` scales them in place.
+        """
+        return torch.autograd.grad(objective, params, allow_unused=True)
+
+    def _perturb_(self, params: list[torch.Tensor], ascent: Sequence[torch.Tensor | None], rho: float) -> None:
+        """Step 2 of DESIGN.md on the ascent gradients ``ascent`` (consumed in place): w <- w + e.
+
+        Plain SAM normalises the gradients where autograd left them (a norm per tensor, then one scale
+        and one add over all of them). ASAM and GSAM need elementwise |w| and a saved h, which are single
+        kernels on the flat ``direction`` buffer, so the gradients are gathered there first.
+        """
+        existing = self._bufs.get("direction")
+        flat = existing is not None and ascent is existing.views
+        if not (flat or self.asam_before_norm or self.asam_after_norm or self.gsam_alpha > 0):
+            pairs = [(p, g) for p, g in zip(params, ascent, strict=True) if g is not None]
+            if pairs:
+                ps, gs = [p for p, _ in pairs], [g for _, g in pairs]
+                norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs)))
+                torch._foreach_mul_(gs, rho / (norm + self.eps))
+                torch._foreach_add_(ps, gs)
+            return
         direction = self._buf("direction")
+        if not flat:
+            _copy_grads_(direction.views, ascent)
         abs_w = None
         if self.asam_before_norm or self.asam_after_norm:
             abs_w = torch.abs(self._buf("backup").flat, out=self._buf("abs_w").flat)
@@ -332,7 +351,6 @@ class SAM(torch.optim.Optimizer):
             raise ValueError(f"Invalid accum_steps: {accum_steps} (must be >= 1)")
         params = self._trainable()
         backup = self._buf("backup")
-        direction = self._buf("direction")
         layers = self._running_stat_layers(model)
         rho = self.rho
         n_sub = batch // m
@@ -348,8 +366,7 @@ class SAM(torch.optim.Optimizer):
                     logits = model(x)
                     clean_loss = loss_fn(logits, y)
                     objective = clean_loss if perturb_fn is None else perturb_fn(logits, y)
-                self._ascent_gradient_(objective, params, direction)
-                self._perturb_(params, rho)
+                self._perturb_(params, self._ascent_gradients(objective, params), rho)
 
                 with frozen_running_stats(layers), torch.enable_grad():
                     perturbed_logits = model(x)
@@ -383,18 +400,14 @@ class SAM(torch.optim.Optimizer):
             return self.base_optimizer.step()
         params = self._trainable()
         backup = self._buf("backup")
-        direction = self._buf("direction")
         layers = self._running_stat_layers(model) if model is not None else []
 
         self.zero_grad(set_to_none=True)
         torch._foreach_copy_(backup.views, params)
         with torch.enable_grad():
             clean_loss = closure()
-        if self.needs_ascent_gradient:
-            _copy_grads_(direction.views, [p.grad for p in params])
-        else:
-            self._ascent_gradient_(clean_loss, params, direction)
-        self._perturb_(params, self.rho)
+        ascent = [p.grad for p in params] if self.needs_ascent_gradient else self._ascent_gradients(clean_loss, params)
+        self._perturb_(params, ascent, self.rho)
 
         self.zero_grad(set_to_none=True)
         with frozen_running_stats(layers), torch.enable_grad():
@@ -458,8 +471,10 @@ class RandSAM(SAM):
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
-    def _ascent_gradient_(self, objective: torch.Tensor, params: list[torch.Tensor], out: FlatBuffer) -> None:
-        out.flat.normal_(generator=self.generator)
+    def _ascent_gradients(self, objective: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        direction = self._buf("direction")
+        direction.flat.normal_(generator=self.generator)
+        return direction.views
 
     def _hyperparameters(self) -> dict[str, Any]:
         return {**super()._hyperparameters(), "rng_state": self.generator.get_state()}
