@@ -148,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from pf_sweep import sweep
-    from pf_sweep.trial import ensure_ray
 
     study_url = meta["optuna_storage"] if args.resume else optuna_storage_url(settings, sweep_dir)
     if study_url and space.grid is None:
@@ -156,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     resume_hint = f"python run_sweep.py --storage {args.storage} --name {name} --resume"
     planned = meta["trials"] if args.resume else sweep.planned_trials(space, settings)
     try:
-        ensure_ray(args.address)
+        sweep.ensure_sweep_ray(args.address)
         # `ray job stop` and Kubernetes send SIGTERM: stop the way Ctrl-C does (Tune saves its state on
         # SIGINT). Installed after ray.init, whose own SIGTERM handler aborts the driver.
         signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))

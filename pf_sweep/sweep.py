@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -193,8 +194,27 @@ def _trainable(base: dict[str, Any], sweep_dir: StoragePath):
     )
 
 
-def launch(space: Space, settings: SweepSettings, *, storage_path: str, name: str, address: str | None = None):
-    """Run the sweep to completion; returns Tune's ``ResultGrid``."""
+def ensure_sweep_ray(address: str | None = None) -> None:
+    """Join ``address``, or start a local Ray that advertises one logical CPU more than the machine.
+
+    The extra CPU holds the trial actors' token shares (``TRIAL_ACTOR_CPU`` each). Without it, two
+    1-worker trials on 2 CPUs need 2.02 CPUs, and the second trial's workers waited for the first
+    trial to end (measured by benchmarks/sweep_efficiency.py: 2 slots, never both busy). Train
+    workers still get at most the real CPUs: the CLI caps concurrency at CPUs // CPUs per trial.
+    """
+    ensure_ray(address, num_cpus=None if address else (os.cpu_count() or 1) + 1)
+
+
+def launch(
+    space: Space,
+    settings: SweepSettings,
+    *,
+    storage_path: str,
+    name: str,
+    address: str | None = None,
+    callbacks: Sequence[Any] = (),
+):
+    """Run the sweep to completion; returns Tune's ``ResultGrid``. ``callbacks``: extra Tune callbacks."""
     from ray import tune
 
     settings.validate()
@@ -213,7 +233,7 @@ def launch(space: Space, settings: SweepSettings, *, storage_path: str, name: st
         "trials": total,
     }
     (sweep_dir / SWEEP_FILE).write_text(json.dumps({**meta, "version": __version__}, indent=1))
-    ensure_ray(address)
+    ensure_sweep_ray(address)
     if space.grid is not None:
         search = {"num_samples": 1}
         param_space = {k: tune.grid_search(v) for k, v in space.grid.items()}
@@ -230,19 +250,19 @@ def launch(space: Space, settings: SweepSettings, *, storage_path: str, name: st
             scheduler=_scheduler(space, settings, base),
             **search,
         ),
-        run_config=_run_config(settings, space, sweep_dir, name, total),
+        run_config=_run_config(settings, space, sweep_dir, name, total, callbacks),
     )
     return tuner.fit()
 
 
-def _run_config(settings: SweepSettings, space: Space, sweep_dir: StoragePath, name: str, total: int):
+def _run_config(settings: SweepSettings, space: Space, sweep_dir: StoragePath, name: str, total: int, extra: Sequence[Any]):
     from ray import tune
 
     return tune.RunConfig(
         name=name,
         storage_path=str(sweep_dir.parent),
         failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-        callbacks=_callbacks(settings, space, sweep_dir, name, total),
+        callbacks=[*_callbacks(settings, space, sweep_dir, name, total), *extra],
     )
 
 
@@ -267,7 +287,7 @@ def resume(sweep_path: str, *, address: str | None = None):
     meta = read_sweep(sweep_path)
     if not tune.Tuner.can_restore(str(sweep_dir)):
         raise ValueError(f"No restorable sweep at {sweep_dir} (Tune saved no experiment state there)")
-    ensure_ray(address)
+    ensure_sweep_ray(address)
     tuner = tune.Tuner.restore(
         str(sweep_dir),
         _trainable(meta["base"], sweep_dir),
