@@ -35,7 +35,7 @@ class TrialConfig:
     dataset: str = "digits"
     data_dir: str | None = None
     train_split: str = "train"
-    val_split: str = "validation"
+    val_split: str | None = None  # None: the dataset's own ("validation", else "test")
     eval_sets: tuple[tuple[str, str], ...] = ()
     train_eval_size: int = 512
     img_size: int | None = None

@@ -89,7 +89,7 @@ def build_data(cfg: TrialConfig, session: Session) -> _Data:
     return _Data(
         train=train,
         train_sampler=sampler,
-        val=_eval_loader(cfg, session, cfg.dataset, cfg.val_split),
+        val=_eval_loader(cfg, session, cfg.dataset, cfg.val_split or info.default_val_split),
         train_subset=_eval_loader(cfg, session, cfg.dataset, cfg.train_split, limit=cfg.train_eval_size),
         extra={eval_set_name(d, s): _eval_loader(cfg, session, d, s) for d, s in cfg.eval_sets},
         info=info,
@@ -109,7 +109,10 @@ def _all_reduce(t: torch.Tensor, session: Session) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, session: Session, amp: bool) -> dict[str, float]:
-    """Loss (CE, no smoothing), top-1 and top-5 over the whole split, summed across ranks."""
+    """Loss (CE, no smoothing), top-1 and top-5 over the whole split, summed across ranks.
+
+    Labels are class ids, or label sets (ImageNet ReaL) as rows padded with -1: see ``_label_set_sums``.
+    """
     model.eval()
     device = session.device
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
@@ -117,6 +120,9 @@ def evaluate(model: nn.Module, loader, session: Session, amp: bool) -> dict[str,
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with _autocast(device, amp):
             logits = model(x).float()
+        if y.dim() == 2:
+            sums += _label_set_sums(logits, y)
+            continue
         top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         hit = top == y[:, None]
         sums += torch.stack(
@@ -131,6 +137,21 @@ def evaluate(model: nn.Module, loader, session: Session, amp: bool) -> dict[str,
     model.train()
     n = max(n, 1.0)
     return {"loss": loss / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
+
+
+def _label_set_sums(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[loss, top1, top5, count] of a batch whose labels are sets: rows of class ids padded with -1.
+
+    Images with an empty set (ReaL leaves ambiguous ones unlabelled) are left out of every sum and
+    of the count. A top-k hit is a valid label among the k best predictions (top-1: the ReaL
+    accuracy). The loss is -log of the probability on the valid labels, -log sum_{c in set} p_c: the
+    cross-entropy when the set holds one label.
+    """
+    member = (y[:, :, None] == torch.arange(logits.shape[-1], device=y.device)).any(dim=1)  # (B, C)
+    keep = member.any(dim=-1)
+    hit = member.gather(1, logits.topk(min(5, logits.shape[-1]), dim=-1).indices)
+    loss = -logits.log_softmax(dim=-1).masked_fill(~member, float("-inf")).logsumexp(dim=-1)
+    return torch.stack([loss[keep].sum(), hit[keep, 0].sum(), hit[keep].any(dim=-1).sum(), keep.sum()]).double()
 
 
 def _autocast(device: torch.device, enabled: bool):

@@ -30,9 +30,7 @@ TOL = {"rtol": 1e-6, "atol": 1e-6}
 def make_model(kind: str, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
     torch.manual_seed(seed)
     if kind == "mlp":
-        model = nn.Sequential(
-            nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, NUM_CLASSES)
-        )
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, NUM_CLASSES))
     elif kind == "cnn_bn":
         model = nn.Sequential(
             nn.Conv2d(2, 4, 3, padding=1),
@@ -183,10 +181,7 @@ def naive_sam_grads(
             gnorm = global_norm(dense)
             u = [gi / gnorm for gi in dense]
             hu = dot(h, u)
-            gp = [
-                None if gi is None else gi - gsam_alpha * (hi - hu * ui)
-                for gi, hi, ui in zip(gp, h, u, strict=True)
-            ]
+            gp = [None if gi is None else gi - gsam_alpha * (hi - hu * ui) for gi, hi, ui in zip(gp, h, u, strict=True)]
 
         for i, gi in enumerate(gp):
             if gi is not None:
@@ -317,10 +312,7 @@ def test_rho_zero_gives_mean_of_plain_sub_batch_gradients(kind):
     twin = copy.deepcopy(model)
     x, y = make_batch(kind)
     SAM(sgd(model), rho=0.0).backward(model, x, y, F.cross_entropy, sharpness_m=6)
-    halves = [
-        torch.autograd.grad(F.cross_entropy(twin(x[i : i + 6]), y[i : i + 6]), list(twin.parameters()))
-        for i in (0, 6)
-    ]
+    halves = [torch.autograd.grad(F.cross_entropy(twin(x[i : i + 6]), y[i : i + 6]), list(twin.parameters())) for i in (0, 6)]
     assert_grads_close(grads_of(model), [(a + b) / 2 for a, b in zip(*halves, strict=True)])
 
 
@@ -438,9 +430,7 @@ def test_gsam_decompose_subtracts_alpha_times_part_of_h_orthogonal_to_descent():
     torch.testing.assert_close(gsam_decompose_(g.clone(), h, alpha, 1e-12), expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize(
-    ("before", "after"), [(False, False), (True, False), (False, True), (True, True)]
-)
+@pytest.mark.parametrize(("before", "after"), [(False, False), (True, False), (False, True), (True, True)])
 def test_normalize_ascent_follows_the_asam_formula(before, after):
     gen = torch.Generator().manual_seed(4)
     g = torch.randn(40, generator=gen, dtype=torch.float64)

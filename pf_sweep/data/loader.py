@@ -110,4 +110,7 @@ def build_loader(
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
         drop_last=False,  # the sampler already sized every shard
+        # Not fork: a process forked after its parent read array_record records can deadlock on a
+        # reader thread's copied lock (see tfds_source.py); forkserver children start clean.
+        multiprocessing_context="forkserver" if workers > 0 else None,
     )
