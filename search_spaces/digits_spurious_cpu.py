@@ -9,29 +9,17 @@ set ``validation_aligned`` (cue always right) shows how much a model still leans
 
 from __future__ import annotations
 
-from search_spaces.base import SearchSpace
-from search_spaces.digits_cpu import BATCH, suggest
+import dataclasses
 
-SPACE = SearchSpace(
+from search_spaces import digits_cpu
+
+SPACE = dataclasses.replace(
+    digits_cpu.SPACE,
     name="digits_spurious_cpu",
     description=__doc__.strip().splitlines()[0],
     base={
+        **digits_cpu.SPACE.base,
         "dataset": "digits_spurious",
         "eval_sets": [["digits_spurious", "validation_aligned"]],
-        "model": "pf_cnn_small",
-        "epochs": 4,
-        "batch_size": BATCH,
-        "opt": "momentum",
-        "sched": "cosine",
-        "weight_decay": 5e-4,
     },
-    suggest=suggest,
-    points_to_evaluate=(
-        {"method": "sam", "lr": 0.05, "perturbation": "max", "rho": 0.05, "sharpness_m": BATCH},
-        {"method": "sam", "lr": 0.05, "perturbation": "obf", "rho": 0.05, "sharpness_m": BATCH, "obf_gamma": 1.0},
-    ),
-    metric="val/top1",
-    mode="max",
-    num_samples=6,
-    max_concurrent=2,
 )
