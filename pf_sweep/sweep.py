@@ -186,6 +186,11 @@ def _callbacks(settings: SweepSettings, space: Space, sweep_dir: StoragePath, na
     return callbacks
 
 
+def trial_dirname(trial: Any) -> str:
+    """Tune's directory of a trial: its id, like the Train run (Tune's default adds params and a timestamp)."""
+    return f"trial-{trial.trial_id}"
+
+
 def _trainable(base: dict[str, Any], sweep_dir: StoragePath):
     from ray import tune
 
@@ -248,6 +253,7 @@ def launch(
             mode=space.mode,
             max_concurrent_trials=settings.max_concurrent,
             scheduler=_scheduler(space, settings, base),
+            trial_dirname_creator=trial_dirname,
             **search,
         ),
         run_config=_run_config(settings, space, sweep_dir, name, total, callbacks),

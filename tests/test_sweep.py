@@ -138,6 +138,9 @@ def test_four_trial_sweep_finishes_and_reports_the_best_stored_trial(tmp_path):
     assert f"val/top1 = {best_value}" in proc.stdout
     runs = sorted((sweep_dir / "runs").iterdir())
     assert len(runs) == 4 and all(any(r.glob("checkpoint_*/state.pt")) for r in runs)
+    # Tune's trial directories are named by trial id too, like the Train runs.
+    tune_trials = sorted(p.name for p in sweep_dir.glob("trial-*"))
+    assert tune_trials == [r.name.replace("train-", "trial-") for r in runs]
     # The Optuna study is in the sweep's SQLite file, where optuna-dashboard and Optuna's plots read it.
     import optuna
 
