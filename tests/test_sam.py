@@ -853,3 +853,31 @@ def test_float64_logits_keep_their_precision():
         assert value.dtype == torch.float64, type(loss).__name__
         assert torch.autograd.grad(value, z)[0].dtype == torch.float64
     assert CrossEntropy()(z.to(torch.bfloat16), y).dtype == torch.float32
+
+
+class SharedGradients(nn.Module):
+    """Autograd returns ``token``'s gradient as a view into ``table``'s (batch 1), and ``bias``'s expanded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.table = nn.Parameter(torch.randn(1, 4, 5, dtype=torch.float64))
+        self.token = nn.Parameter(torch.randn(1, 1, 5, dtype=torch.float64))
+        self.bias = nn.Parameter(torch.randn(3, dtype=torch.float64))
+        self.head = nn.Linear(5, NUM_CLASSES, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = torch.cat([self.token.expand(len(x), -1, -1), x.view(len(x), 3, 5)], dim=1) + self.table
+        return self.head(torch.tanh(tokens).mean(dim=1)) + self.bias.sum() * self.bias.detach().sum()
+
+
+def test_gradients_that_share_memory_are_neither_scaled_twice_nor_written_in_place():
+    model = SharedGradients()
+    x = torch.randn(4, 15, dtype=torch.float64)
+    y = torch.randint(0, NUM_CLASSES, (4,))
+    grads = torch.autograd.grad(F.cross_entropy(model(x[:1]), y[:1]), list(model.parameters()))
+    assert grads[1].untyped_storage().data_ptr() == grads[0].untyped_storage().data_ptr()  # the cases exist
+    assert grads[2].stride() == (0,)
+    reference = copy.deepcopy(model)
+    SAM(sgd(model), rho=0.3).backward(model, x, y, F.cross_entropy, sharpness_m=1)
+    assert_grads_close(grads_of(model), naive_sam_grads(reference, x, y, rho=0.3, m=1))

@@ -127,6 +127,23 @@ def _copy_grads_(dst_views: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
             view.copy_(grad)
 
 
+def _writable_in_place(tensors: Sequence[torch.Tensor | None]) -> bool:
+    """True when each tensor owns its memory: contiguous and no storage shared with another.
+
+    Autograd usually returns fresh tensors, but may hand out a view of another gradient (timm's
+    ViT: ``cls_token``'s inside ``pos_embed``'s at batch 1) or an expanded one; scaling those in
+    place would scale shared elements twice or fail.
+    """
+    storages = set()
+    for t in tensors:
+        if t is None:
+            continue
+        if not t.is_contiguous() or t.storage_offset() != 0:
+            return False
+        storages.add(t.untyped_storage().data_ptr())
+    return len(storages) == sum(t is not None for t in tensors)
+
+
 def _no_sync(model: nn.Module) -> contextlib.AbstractContextManager:
     if dist.is_available() and dist.is_initialized() and hasattr(model, "no_sync"):
         return model.no_sync()
@@ -229,22 +246,22 @@ class SAM(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------------------- the step
     def _ascent_gradients(self, objective: torch.Tensor, params: list[torch.Tensor]) -> Sequence[torch.Tensor | None]:
-        """Gradient of the perturbation objective at w, one tensor per parameter (RandSAM overrides this).
-
-        The tensors are autograd's own outputs: nobody else holds them, so ``_perturb_`` scales them in place.
-        """
+        """Gradient of the perturbation objective at w, one tensor per parameter (RandSAM overrides this)."""
         return torch.autograd.grad(objective, params, allow_unused=True)
 
     def _perturb_(self, params: list[torch.Tensor], ascent: Sequence[torch.Tensor | None], rho: float) -> None:
         """Step 2 of DESIGN.md on the ascent gradients ``ascent`` (consumed in place): w <- w + e.
 
         Plain SAM normalises the gradients where autograd left them (a norm per tensor, then one scale
-        and one add over all of them). ASAM and GSAM need elementwise |w| and a saved h, which are single
-        kernels on the flat ``direction`` buffer, so the gradients are gathered there first.
+        and one add over all of them), unless two of them share memory (autograd may return one
+        gradient as a view of another, or an expanded one). ASAM and GSAM need elementwise |w| and a
+        saved h, which are single kernels on the flat ``direction`` buffer, so the gradients are
+        gathered there first.
         """
         existing = self._bufs.get("direction")
         flat = existing is not None and ascent is existing.views
-        if not (flat or self.asam_before_norm or self.asam_after_norm or self.gsam_alpha > 0):
+        plain = not (flat or self.asam_before_norm or self.asam_after_norm or self.gsam_alpha > 0)
+        if plain and _writable_in_place(ascent):
             pairs = [(p, g) for p, g in zip(params, ascent, strict=True) if g is not None]
             if pairs:
                 ps, gs = [p for p, _ in pairs], [g for _, g in pairs]
@@ -373,7 +390,8 @@ class SAM(torch.optim.Optimizer):
                     loss = loss_fn(perturbed_logits, y)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 torch._foreach_copy_(params, backup.views)
-                self._accumulate_(params, self._descent_gradient(grads), scale, owned=self.gsam_alpha <= 0)
+                owned = self.gsam_alpha <= 0 and _writable_in_place(grads)
+                self._accumulate_(params, self._descent_gradient(grads), scale, owned=owned)
 
                 stats = forgetting_stats(logits, perturbed_logits, y, clean_loss, loss)
                 stats["loss"] = loss.detach().float()
