@@ -100,13 +100,44 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
             if per_trial > cpus:
                 raise ValueError(f"Impossible resources: one trial needs {per_trial:g} CPUs, this machine has {cpus}")
             settings.max_concurrent = max(1, min(settings.max_concurrent, int(cpus // per_trial)))
+        if args.resume and (args.loggers or args.optuna_storage):
+            raise ValueError("--log and --optuna-storage apply at launch; a resumed sweep keeps the ones it started with")
         base = trial_base(space, settings)
         # Every grid point (they are few and known), or the first proposals of a searched space.
-        for params in space.sample(10**6 if space.grid is not None else min(3, settings.num_samples), seed=args.seed):
+        configs = [
             space.config_for(params, {**base})
-    except ValueError as err:
+            for params in space.sample(10**6 if space.grid is not None else min(3, settings.num_samples), seed=args.seed)
+        ]
+        name = args.name or space.name
+        if not (args.resume or args.dry_run):
+            check_datasets(configs, on_cluster=args.address is not None)
+            if settings.optuna_storage and space.grid is None:
+                from pf_sweep.sweep import open_study_storage
+
+                open_study_storage(settings.optuna_storage, name, ours=False)
+    except (ValueError, FileNotFoundError) as err:
         parser.exit(2, f"run_sweep.py: error: {err}\n")
-    return space, settings, args.name or space.name
+    return space, settings, name
+
+
+def check_datasets(configs, *, on_cluster: bool) -> None:
+    """TFDS datasets must be prepared before any trial starts (not discovered by every trial in turn).
+
+    On a cluster the data may live only where the workers run: a dataset this machine cannot see is
+    a warning there, an error locally.
+    """
+    from pf_sweep.data import get_source
+
+    needed = {(c.dataset, c.data_dir) for c in configs} | {(d, c.data_dir) for c in configs for d, _ in c.eval_sets}
+    for dataset, data_dir in sorted(needed, key=str):
+        if not dataset.startswith("tfds/"):
+            continue
+        try:
+            get_source(dataset).info(data_dir)
+        except FileNotFoundError as err:
+            if not on_cluster:
+                raise
+            print(f"run_sweep.py: warning: {err} (continuing: the cluster's workers may see it)", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.resume:
             meta = read_sweep(str(sweep_dir))
-            metric, mode = meta["metric"], meta["mode"]
+            metric, mode = meta.get("metric", space.metric), meta.get("mode", space.mode)
         elif exists and not args.dry_run:
             raise ValueError(f"A sweep named {name!r} already exists in {sweep_dir.parent}: add --resume, or pick another --name")
         else:
@@ -149,11 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from pf_sweep import sweep
 
-    study_url = meta["optuna_storage"] if args.resume else optuna_storage_url(settings, sweep_dir)
+    study_url = meta.get("optuna_storage") if args.resume else optuna_storage_url(settings, sweep_dir)
     if study_url and space.grid is None:
         print(f"Optuna study {name!r} in {study_url} (watch it live: optuna-dashboard {study_url})")
     resume_hint = f"python run_sweep.py --storage {args.storage} --name {name} --resume"
-    planned = meta["trials"] if args.resume else sweep.planned_trials(space, settings)
+    planned = meta.get("trials", 0) if args.resume else sweep.planned_trials(space, settings)
     try:
         sweep.ensure_sweep_ray(args.address)
         # `ray job stop` and Kubernetes send SIGTERM: stop the way Ctrl-C does (Tune saves its state on
@@ -166,10 +197,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nInterrupted. Continue with: {resume_hint}")
         return 130
+    except ValueError as err:  # e.g. a sweep directory without Tune's state
+        parser.exit(2, f"run_sweep.py: error: {err}\n")
     if results.num_terminated + results.num_errors < planned:  # Tune returns normally after a SIGINT
         print(f"\nInterrupted after {results.num_terminated} of {planned} trials. Continue with: {resume_hint}")
         return 130
-    best, frame = sweep.summarize(results, metric, mode)
+    try:
+        best, frame = sweep.summarize(results, metric, mode)
+    except RuntimeError:  # Tune found no trial that reported the metric
+        for error in results.errors:
+            print(f"trial error: {str(error).strip().splitlines()[-1]}", file=sys.stderr)
+        print(f"No trial reported {metric}; see the errors above and {sweep_dir}", file=sys.stderr)
+        return 1
     summary = sweep_dir / "summary.csv"
     summary.write_text(frame.to_csv(index=False))
     print(f"\nBest trial ({metric} = {best['metrics'].get(metric)}):")

@@ -1,7 +1,8 @@
 """One progress line per finished trial: how many are done, and the best metric so far.
 
 Tune's own reporter prints per-trial tables; this adds the sweep-level view a user watching a long
-sweep wants ("5/12 trials done, best val/top1 97.8 (trial 3f2a)") and survives a resume.
+sweep wants ("5/12 trials done, best val/top1 97.8 (trial 3f2a)"). Its best-so-far is part of Tune's
+saved state, so a resumed sweep remembers it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ class SweepProgress(Callback):
         done = sum(t is trial or t.status in ("TERMINATED", "ERROR") for t in trials)
         best = "none yet" if self.best is None else f"{self.best:.4g} (trial {self.best_trial})"
         logger.info("trial %s %s: %d/%d done, best %s %s", trial.trial_id, outcome, done, self.total, self.metric, best)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"best": self.best, "best_trial": self.best_trial}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.best, self.best_trial = state["best"], state["best_trial"]
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._log(trials, trial, "finished")

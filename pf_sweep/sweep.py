@@ -134,6 +134,27 @@ def optuna_storage_url(settings: SweepSettings, sweep_dir: StoragePath) -> str |
     return f"sqlite:///{sweep_dir / OPTUNA_FILE}" if sweep_dir.is_local else None
 
 
+def open_study_storage(url: str, study_name: str, *, ours: bool):
+    """The Optuna RDB storage at ``url``, made ready for a new study called ``study_name``.
+
+    A study of that name in our own ``optuna.db`` is a leftover of a launch that failed before Tune
+    saved anything, and is dropped; in a storage the user named it may be another sweep's, so it is
+    refused. Errors (driver missing, server unreachable) become ValueError.
+    """
+    import optuna
+
+    try:
+        storage = optuna.storages.RDBStorage(url)
+        exists = study_name in {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    except Exception as err:  # SQLAlchemy and driver errors have no common base worth naming
+        raise ValueError(f"Cannot open the Optuna storage {url!r}: {err}") from None
+    if exists and not ours:
+        raise ValueError(f"Optuna study {study_name!r} already exists in {url}: pick another --name, or delete that study")
+    if exists:
+        optuna.delete_study(study_name=study_name, storage=storage)
+    return storage
+
+
 def _searcher(space: Space, settings: SweepSettings, study_name: str, storage_url: str | None):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
@@ -141,10 +162,7 @@ def _searcher(space: Space, settings: SweepSettings, study_name: str, storage_ur
     sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True)
     storage = None
     if storage_url is not None:
-        storage = optuna.storages.RDBStorage(storage_url)
-        if study_name in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
-            # Tune asks OptunaSearch for a fresh study; a stale one of the same name would mix two sweeps.
-            optuna.delete_study(study_name=study_name, storage=storage)
+        storage = open_study_storage(storage_url, study_name, ours=settings.optuna_storage is None)
     return OptunaSearch(
         space=space.suggest,
         metric=space.metric,
@@ -237,7 +255,6 @@ def launch(
         "optuna_storage": storage_url,
         "trials": total,
     }
-    (sweep_dir / SWEEP_FILE).write_text(json.dumps({**meta, "version": __version__}, indent=1))
     ensure_sweep_ray(address)
     if space.grid is not None:
         search = {"num_samples": 1}
@@ -258,6 +275,9 @@ def launch(
         ),
         run_config=_run_config(settings, space, sweep_dir, name, total, callbacks),
     )
+    # Written once Tune has saved its own state (tuner.pkl, at construction): a sweep.json always
+    # marks a sweep that `resume` can continue, and a launch that failed earlier can simply be rerun.
+    (sweep_dir / SWEEP_FILE).write_text(json.dumps({**meta, "version": __version__}, indent=1))
     return tuner.fit()
 
 
@@ -284,8 +304,8 @@ def read_sweep(sweep_path: str) -> dict[str, Any]:
 def resume(sweep_path: str, *, address: str | None = None):
     """Continue an interrupted sweep: finished trials kept, unfinished ones resumed from checkpoints.
 
-    The searcher (with its Optuna study) comes back from Tune's own checkpoint; callbacks are
-    rebuilt from the stored settings.
+    The searcher (with its Optuna study), the scheduler and the callbacks (``--log`` trackers, the
+    progress line) all come back from Tune's saved state, as they were at launch.
     """
     from ray import tune
 

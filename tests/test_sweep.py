@@ -74,6 +74,8 @@ def _cli(args, *, storage, pythonpath=None, timeout=60):
         (["--optuna-storage", "not a url"], "Invalid Optuna storage URL"),
         (["--log", "wandb"], "needs the 'wandb' package"),
         (["--name", "missing", "--resume"], "No sweep at"),
+        (["--resume", "--log", "tensorboard"], "apply at launch"),
+        (["--set", "dataset=tfds/cifar10", "--set", "data_dir=no-data-here"], "python -m pf_sweep.data prepare cifar10"),
     ],
 )
 def test_cli_rejects_bad_arguments_with_exit_2_before_ray(args, message, tmp_path, no_ray_path):
@@ -85,6 +87,17 @@ def test_cli_rejects_bad_arguments_with_exit_2_before_ray(args, message, tmp_pat
     assert message in proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr  # one message, no traceback
     assert not storage.exists()
+
+
+def test_cli_refuses_a_study_name_already_in_a_user_optuna_storage(tmp_path, no_ray_path):
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    study = optuna.create_study(study_name="exp", storage=url)
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=3)
+    proc = _cli(["--name", "exp", "--optuna-storage", url], storage=tmp_path / "store", pythonpath=no_ray_path)
+    assert proc.returncode == 2 and "Optuna study 'exp' already exists" in proc.stderr
+    assert len(optuna.load_study(study_name="exp", storage=url).trials) == 3
 
 
 def test_cli_refuses_to_overwrite_an_existing_sweep(tmp_path, no_ray_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import subprocess
 import sys
@@ -461,10 +462,24 @@ print(json.dumps({"tensorflow": tensorflow, "history": history.to_dict("list")})
 """
 
 
-def test_a_tfds_trial_with_two_loader_workers_never_imports_tensorflow_and_equals_the_builtin_trial(data, builtin_digits_history):
-    """A fresh process, so nothing else could have imported TensorFlow first; its DataLoader workers fork from it."""
+def test_a_tfds_trial_with_two_loader_workers_never_imports_tensorflow_and_equals_the_builtin_trial(
+    data, builtin_digits_history, tmp_path
+):
+    """A fresh process whose ``tensorflow`` is a tripwire: importing it, in the trial process or in any
+    DataLoader worker (forkserver children inherit PYTHONPATH), leaves a marker file and fails."""
+    tripwire = tmp_path / "tripwire" / "tensorflow"
+    tripwire.mkdir(parents=True)
+    marker = tmp_path / "tensorflow-imported"
+    (tripwire / "__init__.py").write_text(
+        f"import os\nopen({str(marker)!r}, 'a').write(str(os.getpid()) + '\\n')\nraise ImportError('tripwire')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tripwire.parent), os.environ.get("PYTHONPATH", "")])}
     cfg = json.dumps(pf_digits_trial(data["digits"], loader_workers=2).to_dict())
-    out = check(run_all((sys.executable, "-c", NO_TF_TRIAL, cfg, data["digits224"]))[0]).stdout
+    done = subprocess.run(
+        [sys.executable, "-c", NO_TF_TRIAL, cfg, data["digits224"]], capture_output=True, text=True, env=env, timeout=300
+    )
+    out = check(done).stdout
+    assert not marker.exists(), f"tensorflow was imported by pid(s) {marker.read_text().split()}"
     report = json.loads(out.strip().splitlines()[-1])
     assert report["tensorflow"] == []
     pd.testing.assert_frame_equal(NOT_TIMING(pd.DataFrame(report["history"])), builtin_digits_history)

@@ -23,9 +23,11 @@ should start its workers with ``multiprocessing_context="forkserver"`` or ``"spa
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -190,8 +192,24 @@ def command(verb: str, name: str, data_dir: str | None) -> str:
     return f"python -m pf_sweep.data {verb} {name}" + (f" --data-dir {data_dir}" if data_dir else "")
 
 
+@contextlib.contextmanager
+def _quiet_absl() -> Iterator[None]:
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logger.setLevel(level)
+
+
 @functools.cache
 def _builder(name: str, data_dir: str | None) -> Any:
+    with _quiet_absl():  # TFDS warns about the very folders our errors explain
+        return _checked_builder(name, data_dir)
+
+
+def _checked_builder(name: str, data_dir: str | None) -> Any:
     """The builder of a dataset prepared with random access, or one error naming the command that fixes it."""
     # etils (TFDS's file layer) sends gs:// and s3:// paths through TensorFlow's gfile whenever
     # TensorFlow is installed (the prepare extra installs it); fsspec keeps TensorFlow out of readers.
