@@ -254,8 +254,9 @@ def test_cluster_yaml_token_auth_and_dashboard(cluster):
     token_path = re.search(r"RAY_AUTH_TOKEN_PATH=(\S+)", options)[1]
     assert any(token_path.startswith(remote.rstrip("/") + "/") for remote in cluster["file_mounts"])
     head_start = " ".join(cluster["head_start_ray_commands"])
-    # Worker nodes call the head's State API (Ray Train's placement-group cleaner), so it may not be loopback.
-    assert "--dashboard-host=0.0.0.0" in head_start
+    # Services bind to loopback unless the user opts in (docs/cluster.md, Security).
+    assert "--dashboard-host=127.0.0.1" in head_start
+    assert "0.0.0.0" not in CLUSTER_YAML.read_text() + RAYJOB_YAML.read_text()
 
 
 # ----------------------------------------------------------------------------- the RayJob
