@@ -91,8 +91,6 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
             optuna_storage=args.optuna_storage,
             loggers=list(dict.fromkeys(args.loggers)),
         )
-        if settings.cpus_per_worker <= 0 or settings.gpus_per_worker < 0:
-            raise ValueError("Invalid resources: --cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
         settings.validate()
         per_trial = settings.workers_per_trial * settings.cpus_per_worker
         if args.address is None:
@@ -151,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     space, settings, name = resolve(args, parser)
     from pf_sweep.storage import StoragePath
-    from pf_sweep.sweep import SWEEP_FILE, optuna_storage_url, read_sweep, trial_base
+    from pf_sweep.sweep import SWEEP_FILE, optuna_storage_url, planned_trials, read_sweep, trial_base
 
     sweep_dir = StoragePath.of(args.storage) / name
     exists = (sweep_dir / SWEEP_FILE).exists()
@@ -170,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"metric: {space.metric} ({space.mode})")
         print(f"settings: {json.dumps(settings.__dict__)}")
         print(f"base config: {json.dumps(trial_base(space, settings), sort_keys=True)}")
-        total = len(space.sample(10**6)) if space.grid is not None else settings.num_samples
+        total = planned_trials(space, settings)
         print(f"trials: {total} ({'grid' if space.grid is not None else 'Optuna TPE'}), first ones:")
         for i, params in enumerate(space.sample(min(3, total), seed=args.seed)):
             print(f"trial {i}: {json.dumps(params, sort_keys=True)}")

@@ -173,6 +173,9 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+
+
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """Check ``value`` against the annotation and normalise it (lists -> tuples, int -> float)."""
     origin = typing.get_origin(hint)
@@ -194,21 +197,14 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, dict):
             raise ValueError(f"Invalid {name}: {value!r} (expected a dict)")
         return dict(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"Invalid {name}: {value!r} (expected true or false)")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or int(value) != value:
-            raise ValueError(f"Invalid {name}: {value!r} (expected an integer)")
-        return int(value)
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ValueError(f"Invalid {name}: {value!r} (expected a finite number)")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ValueError(f"Invalid {name}: {value!r} (expected a string)")
+    if hint in (int, float):
+        finite = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not finite or (hint is int and int(value) != value):
+            raise ValueError(f"Invalid {name}: {value!r} (expected {_EXPECTED[hint]})")
+        return hint(value)
+    if hint in (bool, str):
+        if not isinstance(value, hint):
+            raise ValueError(f"Invalid {name}: {value!r} (expected {_EXPECTED[hint]})")
         return value
     raise TypeError(f"unsupported annotation {_type_name(hint)} for {name}")  # a bug in this file
 

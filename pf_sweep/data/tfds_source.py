@@ -120,9 +120,10 @@ class TfdsSplit(Sequence):
         return len(_open(self.name, self.split, self.data_dir))
 
     def __getitem__(self, index: int) -> tuple[Image.Image, Any]:  # type: ignore[override]
-        if not 0 <= index < len(self):
+        source = _open(self.name, self.split, self.data_dir)
+        if not 0 <= index < len(source):
             raise IndexError(index)
-        example = _open(self.name, self.split, self.data_dir)[index]
+        example = source[index]
         return to_pil(example[self.image_key]), self._label(example[self.label_key])
 
     def _label(self, value: Any) -> int | np.ndarray:
