@@ -52,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FIELD=VALUE",
         help="override a fixed TrialConfig field of the space (repeatable)",
     )
+    p.add_argument(
+        "--executor",
+        choices=["auto", "workers"],
+        default="auto",
+        help="auto: one-worker trials train inside their reused Tune trial actor (fast); "
+        "workers: a Ray Train worker group per trial (multi-worker trials always do)",
+    )
+    p.add_argument("--verbose", action="store_true", help="show Ray's own logs and Tune's trial tables")
     p.add_argument("--resume", action="store_true", help="continue the sweep <storage>/<name>")
     p.add_argument("--dry-run", action="store_true", help="print the resolved plan and start nothing")
     p.add_argument("--list-spaces", action="store_true")
@@ -90,6 +98,8 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
             max_failures=args.max_failures,
             optuna_storage=args.optuna_storage,
             loggers=list(dict.fromkeys(args.loggers)),
+            executor=args.executor,
+            verbose=args.verbose,
         )
         settings.validate()
         per_trial = settings.workers_per_trial * settings.cpus_per_worker
@@ -138,6 +148,35 @@ def check_datasets(configs, *, on_cluster: bool) -> None:
             print(f"run_sweep.py: warning: {err} (continuing: the cluster's workers may see it)", file=sys.stderr)
 
 
+def configure_console(sweep_dir, *, verbose: bool) -> None:
+    """pf-sweep's own lines on the console; Ray's driver-side logs in ``<sweep>/logs/ray-driver.log``.
+
+    The workers' output and Ray's internal warnings stay off the console unless ``--verbose`` (Ray
+    keeps them in its session logs). Ray's errors, such as a failed trial's, still show.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if verbose:
+        return
+    # Tune's newer console output prints its experiment box and paths even when verbose=0.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    from pf_sweep.console import filter_ray_notices
+
+    filter_ray_notices()
+    if not sweep_dir.is_local:
+        return
+    from pathlib import Path
+
+    logs = Path(str(sweep_dir)) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(logs / "ray-driver.log")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("ray", "ray.tune", "ray.train", "ray.air"):
+        ray_logger = logging.getLogger(name)
+        for handler in list(ray_logger.handlers):
+            handler.setLevel(logging.ERROR)
+        ray_logger.addHandler(to_file)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -175,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"results would go to: {sweep_dir}")
         return 0
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure_console(sweep_dir, verbose=args.verbose)
     from pf_sweep import sweep
 
     study_url = meta.get("optuna_storage") if args.resume else optuna_storage_url(settings, sweep_dir)
@@ -184,12 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     resume_hint = f"python run_sweep.py --storage {args.storage} --name {name} --resume"
     planned = meta.get("trials", 0) if args.resume else sweep.planned_trials(space, settings)
     try:
-        sweep.ensure_sweep_ray(args.address)
+        sweep.ensure_sweep_ray(args.address, verbose=args.verbose)
         # `ray job stop` and Kubernetes send SIGTERM: stop the way Ctrl-C does (Tune saves its state on
         # SIGINT). Installed after ray.init, whose own SIGTERM handler aborts the driver.
         signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
         if args.resume:
-            results = sweep.resume(str(sweep_dir), address=args.address)
+            results = sweep.resume(str(sweep_dir), address=args.address, verbose=args.verbose)
         else:
             results = sweep.launch(space, settings, storage_path=args.storage, name=name, address=args.address)
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any
 
 from ray.tune import Callback
@@ -23,6 +24,8 @@ class SweepProgress(Callback):
         self.metric, self.mode, self.total = metric, mode, total
         self.best: float | None = None
         self.best_trial: str | None = None
+        self.last: dict[str, float] = {}  # each trial's latest value of the metric
+        self.started = time.monotonic()
 
     def _better(self, value: float) -> bool:
         if self.best is None:
@@ -31,20 +34,36 @@ class SweepProgress(Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         value = result.get(self.metric)
-        if isinstance(value, int | float) and math.isfinite(value) and self._better(value):
-            self.best, self.best_trial = float(value), trial.trial_id
+        if isinstance(value, int | float) and math.isfinite(value):
+            self.last[trial.trial_id] = float(value)
+            if self._better(value):
+                self.best, self.best_trial = float(value), trial.trial_id
 
     def _log(self, trials: list, trial: Any, outcome: str) -> None:
         # Tune calls back before it marks this trial TERMINATED/ERROR: count it explicitly.
         done = sum(t is trial or t.status in ("TERMINATED", "ERROR") for t in trials)
         best = "none yet" if self.best is None else f"{self.best:.4g} (trial {self.best_trial})"
-        logger.info("trial %s %s: %d/%d done, best %s %s", trial.trial_id, outcome, done, self.total, self.metric, best)
+        own = f" ({self.metric} {self.last[trial.trial_id]:.4g})" if trial.trial_id in self.last else ""
+        elapsed = time.monotonic() - self.started
+        logger.info(
+            "trial %s %s%s: %d/%d done, best %s %s [%dm%02ds]",
+            trial.trial_id,
+            outcome,
+            own,
+            done,
+            self.total,
+            self.metric,
+            best,
+            elapsed // 60,
+            elapsed % 60,
+        )
 
     def get_state(self) -> dict[str, Any]:
-        return {"best": self.best, "best_trial": self.best_trial}
+        return {"best": self.best, "best_trial": self.best_trial, "last": self.last}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.best, self.best_trial = state["best"], state["best_trial"]
+        self.last = dict(state.get("last", {}))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._log(trials, trial, "finished")

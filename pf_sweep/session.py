@@ -1,7 +1,8 @@
-"""Where the train loop reports to: Ray Train on workers, or a plain in-process session.
+"""Where the train loop reports to: Ray Train on workers, Ray Tune inside a trial actor, or a plain
+in-process session.
 
-The loop only sees this small interface, which is what lets ``run_trial(local=True)`` run the very
-same ``train_loop`` as a Ray Train worker.
+The loop only sees this small interface, which is what lets ``run_trial(local=True)`` and a sweep's
+one-worker trials run the very same ``train_loop`` as a Ray Train worker.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-CHECKPOINT_PREFIX = "checkpoint_"
+from pf_sweep.run_dir import CHECKPOINT_PREFIX, RunDirectory, checkpoint_name
+
+__all__ = ["CHECKPOINT_PREFIX", "LocalSession", "RaySession", "Session", "TuneSession"]
+CHECKPOINT_PATH_KEY = "checkpoint_path"  # the metric that tells Tune (and summary.csv) where a checkpoint is
 
 
 class Session(Protocol):
@@ -37,6 +41,7 @@ class LocalSession:
 
     def __init__(self, directory: str | Path | None = None, device: str = "cpu") -> None:
         self.directory = Path(directory) if directory is not None else None
+        self._run_dir = RunDirectory(self.directory) if self.directory is not None else None
         self.device = torch.device(device)
         self.history: list[dict[str, float]] = []
         self.checkpoint: str | None = self.latest_checkpoint()
@@ -45,17 +50,47 @@ class LocalSession:
         return model.to(self.device)
 
     def latest_checkpoint(self) -> str | None:
-        if self.directory is None or not self.directory.exists():
-            return None
-        found = sorted(p for p in self.directory.glob(f"{CHECKPOINT_PREFIX}*") if (p / "state.pt").exists())
-        return str(found[-1]) if found else None
+        return self._run_dir.latest() if self._run_dir is not None else None
 
     def report(self, metrics: dict[str, float], write_checkpoint: Callable[[Path], None] | None) -> None:
         self.history.append(dict(metrics))
-        if write_checkpoint is not None and self.directory is not None:
-            target = self.directory / f"{CHECKPOINT_PREFIX}{int(metrics['epoch']):06d}"
-            write_checkpoint(target)
-            self.checkpoint = str(target)
+        if write_checkpoint is not None and self._run_dir is not None:
+            self.checkpoint = self._run_dir.write(int(metrics["epoch"]), write_checkpoint)
+
+
+class TuneSession:
+    """A one-worker trial inside its Ray Tune trial actor: no worker group, reports go straight to Tune.
+
+    Checkpoints go to the trial's run directory (``runs/train-<trial id>/checkpoint_<epoch>``, the
+    same place and names a worker group's Ray Train run uses), the two newest are kept, and each
+    report carries ``checkpoint_path`` as the worker-group path does. A retry or a resumed sweep
+    finds the newest complete checkpoint there. ``reports`` lists what this session sent, so the
+    caller can tell a run that resumed after its last epoch (and reported nothing) from one that ran.
+    """
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, run_dir: RunDirectory, device: str = "cpu", keep: int = 2) -> None:
+        self.run_dir, self.keep = run_dir, keep
+        self.device = torch.device(device)
+        self.reports: list[dict[str, Any]] = []
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model.to(self.device)
+
+    def latest_checkpoint(self) -> str | None:
+        return self.run_dir.latest()
+
+    def report(self, metrics: dict[str, float], write_checkpoint: Callable[[Path], None] | None) -> None:
+        import ray.tune
+
+        out: dict[str, Any] = dict(metrics)
+        if write_checkpoint is not None:
+            out[CHECKPOINT_PATH_KEY] = self.run_dir.write(int(metrics["epoch"]), write_checkpoint)
+            self.run_dir.prune(self.keep)
+        self.reports.append(out)
+        ray.tune.report(out)
 
 
 class RaySession:
@@ -91,8 +126,5 @@ class RaySession:
             return
         with tempfile.TemporaryDirectory(prefix="pf-ckpt-") as tmp:
             write_checkpoint(Path(tmp))
-            self._train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=_dir_name(metrics))
-
-
-def _dir_name(metrics: dict[str, Any]) -> str:
-    return f"{CHECKPOINT_PREFIX}{int(metrics['epoch']):06d}"
+            name = checkpoint_name(int(metrics["epoch"]))
+            self._train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)

@@ -1,14 +1,16 @@
-"""Launch and resume sweeps on Ray Tune: each Tune trial fits one Ray Train ``TorchTrainer``.
+"""Launch and resume sweeps on Ray Tune.
 
-The pattern Ray 2.60 supports for Tune + Train V2 (RAY_NOTES.md): a *function* trainable that
-builds a ``TorchTrainer`` and calls ``fit()``, with ``TuneReportCallback`` forwarding rank 0's
-reports to Tune and so to Optuna and the scheduler. The trial actor itself asks for a token CPU
-share; otherwise on a 2-CPU machine two trial actors would hold both CPUs and their Train workers
+Each Tune trial is a *function* trainable that runs one ``TrialConfig``, in one of two ways
+(``pf_sweep.executors``): one-worker trials train inside the Tune trial actor, which Tune reuses
+from trial to trial (``--executor auto``, the default); multi-worker trials (or every trial, with
+``--executor workers``) fit a Ray Train ``TorchTrainer`` worker group and forward its reports to
+Tune, and so to Optuna and the scheduler. A worker-group trial's actor asks for a token CPU share
+only; otherwise on a 2-CPU machine two trial actors would hold both CPUs and their Train workers
 would never start.
 
 Layout under ``<storage>/<name>/``: Tune's experiment state, ``sweep.json`` (what was asked for),
 ``optuna.db`` (the Optuna study, for ``optuna-dashboard`` and Optuna's plots), and
-``runs/train-<trial id>/`` (each trial's Train run: checkpoints with config and metrics).
+``runs/train-<trial id>/`` (each trial's checkpoints with config and metrics).
 ``<storage>`` is a local directory or a URI (``s3://``, ``gs://``, ``file://``) read and written
 through pyarrow filesystems, like Ray itself does.
 """
@@ -26,11 +28,18 @@ from typing import Any, Protocol
 
 from pf_sweep import __version__
 from pf_sweep.config import TrialConfig
+from pf_sweep.executors import (
+    EXECUTORS,
+    run_in_actor,
+    run_worker_group,
+    runs_in_actor,
+    trial_actor_resources,
+    tune_last_epoch,
+)
 from pf_sweep.storage import StoragePath
-from pf_sweep.trial import build_trainer, ensure_ray
+from pf_sweep.trial import ensure_ray
 
 logger = logging.getLogger(__name__)
-TRIAL_ACTOR_CPU = 0.01
 SWEEP_FILE = "sweep.json"
 OPTUNA_FILE = "optuna.db"
 # --log choice -> (package that must be importable, what to install).
@@ -64,6 +73,8 @@ class SweepSettings:
     max_failures: int = 1  # Tune-level retries of a failed trial; each retry resumes its Train run
     optuna_storage: str | None = None  # SQLAlchemy URL; None: sqlite file in a local sweep directory
     loggers: list[str] = field(default_factory=list)
+    executor: str = "auto"  # "auto": one-worker trials train inside their (reused) Tune trial actor
+    verbose: bool = False  # show Ray's own logs and Tune's trial tables on the console
 
     def validate(self) -> None:
         """Raise ValueError for settings that could never run (checked before Ray starts)."""
@@ -76,6 +87,8 @@ class SweepSettings:
             raise ValueError("Invalid resources: cpus_per_worker must be > 0 and gpus_per_worker >= 0")
         if self.max_failures < 0:
             raise ValueError(f"Invalid max_failures: {self.max_failures} (must be >= 0)")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"Invalid executor: {self.executor!r} (allowed: {', '.join(EXECUTORS)})")
         for name in self.loggers:
             if name not in LOGGERS:
                 raise ValueError(f"Invalid logger: {name!r} (allowed: {', '.join(LOGGERS)})")
@@ -90,16 +103,19 @@ class SweepSettings:
                 raise ValueError(f"Invalid Optuna storage URL {self.optuna_storage!r}: {err}") from None
 
 
-def _trial_fn(config: dict[str, Any], base: dict[str, Any], runs_dir: str) -> None:
-    """One Tune trial: a TorchTrainer on the suggested config, reporting back through Tune."""
+def _trial_fn(config: dict[str, Any], base: dict[str, Any], runs_dir: str, in_actor: bool) -> None:
+    """One Tune trial: the suggested config, trained in this actor or on a worker group."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = TrialConfig.from_dict({**base, **config})
-    name = f"train-{ray.tune.get_context().get_trial_id()}"
-    result = build_trainer(cfg, storage_path=runs_dir, name=name, callbacks=[TuneReportCallback()]).fit()
-    if result.error is not None:
-        raise result.error
+    trial_id = ray.tune.get_context().get_trial_id()
+    name = f"train-{trial_id}"
+    # What Tune already recorded of this trial (non-empty only when a resumed sweep reruns it).
+    seen = tune_last_epoch(StoragePath.of(runs_dir).parent, trial_id)
+    if in_actor:
+        run_in_actor(cfg, str(StoragePath.of(runs_dir) / name), tune_seen=seen)
+    else:
+        run_worker_group(cfg, storage_path=runs_dir, name=name, tune_seen=seen)
 
 
 def trial_base(space: Space, settings: SweepSettings) -> dict[str, Any]:
@@ -157,13 +173,14 @@ def open_study_storage(url: str, study_name: str, *, ours: bool):
 
 def _searcher(space: Space, settings: SweepSettings, study_name: str, storage_url: str | None):
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
+
+    from pf_sweep.optuna_search import ResumableOptunaSearch
 
     sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True)
     storage = None
     if storage_url is not None:
         storage = open_study_storage(storage_url, study_name, ours=settings.optuna_storage is None)
-    return OptunaSearch(
+    return ResumableOptunaSearch(
         space=space.suggest,
         metric=space.metric,
         mode=space.mode,
@@ -209,23 +226,22 @@ def trial_dirname(trial: Any) -> str:
     return f"trial-{trial.trial_id}"
 
 
-def _trainable(base: dict[str, Any], sweep_dir: StoragePath):
+def _trainable(base: dict[str, Any], sweep_dir: StoragePath, in_actor: bool):
     from ray import tune
 
-    return tune.with_resources(
-        tune.with_parameters(_trial_fn, base=base, runs_dir=str(sweep_dir / "runs")), {"cpu": TRIAL_ACTOR_CPU}
-    )
+    trial = tune.with_parameters(_trial_fn, base=base, runs_dir=str(sweep_dir / "runs"), in_actor=in_actor)
+    return tune.with_resources(trial, trial_actor_resources(base, in_actor))
 
 
-def ensure_sweep_ray(address: str | None = None) -> None:
+def ensure_sweep_ray(address: str | None = None, *, verbose: bool = False) -> None:
     """Join ``address``, or start a local Ray that advertises one logical CPU more than the machine.
 
-    The extra CPU holds the trial actors' token shares (``TRIAL_ACTOR_CPU`` each). Without it, two
-    1-worker trials on 2 CPUs need 2.02 CPUs, and the second trial's workers waited for the first
-    trial to end (measured by benchmarks/sweep_efficiency.py: 2 slots, never both busy). Train
-    workers still get at most the real CPUs: the CLI caps concurrency at CPUs // CPUs per trial.
+    The extra CPU holds worker-group trials' token shares (``TRIAL_ACTOR_CPU`` each). Without it,
+    two 1-worker trials on 2 CPUs need 2.02 CPUs, and the second trial's workers waited for the
+    first trial to end (measured by benchmarks/sweep_efficiency.py: 2 slots, never both busy).
+    Trials still get at most the real CPUs: the CLI caps concurrency at CPUs // CPUs per trial.
     """
-    ensure_ray(address, num_cpus=None if address else (os.cpu_count() or 1) + 1)
+    ensure_ray(address, num_cpus=None if address else (os.cpu_count() or 1) + 1, verbose=verbose)
 
 
 def launch(
@@ -255,7 +271,8 @@ def launch(
         "optuna_storage": storage_url,
         "trials": total,
     }
-    ensure_sweep_ray(address)
+    ensure_sweep_ray(address, verbose=settings.verbose)
+    in_actor = runs_in_actor(settings.executor, settings.workers_per_trial)
     if space.grid is not None:
         search = {"num_samples": 1}
         param_space = {k: tune.grid_search(v) for k, v in space.grid.items()}
@@ -263,7 +280,7 @@ def launch(
         search = {"num_samples": settings.num_samples, "search_alg": _searcher(space, settings, name, storage_url)}
         param_space = None
     tuner = tune.Tuner(
-        _trainable(base, sweep_dir),
+        _trainable(base, sweep_dir, in_actor),
         param_space=param_space,
         tune_config=tune.TuneConfig(
             metric=space.metric,
@@ -271,6 +288,9 @@ def launch(
             max_concurrent_trials=settings.max_concurrent,
             scheduler=_scheduler(space, settings, base),
             trial_dirname_creator=trial_dirname,
+            # One process per concurrent slot for the whole sweep. Worker-group trials are not
+            # reused: ending their actor is what ends a stopped trial's Train controller and workers.
+            reuse_actors=in_actor,
             **search,
         ),
         run_config=_run_config(settings, space, sweep_dir, name, total, callbacks),
@@ -289,6 +309,8 @@ def _run_config(settings: SweepSettings, space: Space, sweep_dir: StoragePath, n
         storage_path=str(sweep_dir.parent),
         failure_config=tune.FailureConfig(max_failures=settings.max_failures),
         callbacks=[*_callbacks(settings, space, sweep_dir, name, total), *extra],
+        # Quiet by default: the progress line per trial; --verbose brings back Tune's trial tables.
+        verbose=2 if settings.verbose else 0,
     )
 
 
@@ -301,7 +323,7 @@ def read_sweep(sweep_path: str) -> dict[str, Any]:
     return json.loads(meta_file.read_text())
 
 
-def resume(sweep_path: str, *, address: str | None = None):
+def resume(sweep_path: str, *, address: str | None = None, verbose: bool = False):
     """Continue an interrupted sweep: finished trials kept, unfinished ones resumed from checkpoints.
 
     The searcher (with its Optuna study), the scheduler and the callbacks (``--log`` trackers, the
@@ -313,10 +335,12 @@ def resume(sweep_path: str, *, address: str | None = None):
     meta = read_sweep(sweep_path)
     if not tune.Tuner.can_restore(str(sweep_dir)):
         raise ValueError(f"No restorable sweep at {sweep_dir} (Tune saved no experiment state there)")
-    ensure_sweep_ray(address)
+    ensure_sweep_ray(address, verbose=verbose)
+    settings = meta.get("settings", {})
+    in_actor = runs_in_actor(settings.get("executor", "workers"), int(settings.get("workers_per_trial", 1)))
     tuner = tune.Tuner.restore(
         str(sweep_dir),
-        _trainable(meta["base"], sweep_dir),
+        _trainable(meta["base"], sweep_dir, in_actor),
         resume_unfinished=True,
         resume_errored=True,
     )

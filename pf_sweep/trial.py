@@ -27,7 +27,7 @@ from pf_sweep.storage import StoragePath
 logger = logging.getLogger(__name__)
 
 # Ray Train's controller polls workers every this many seconds and each report waits for a poll:
-# the 2 s default made 20 reports cost 110 s instead of 33 s here (RAY_NOTES.md).
+# the 2 s default made 20 reports cost 110 s instead of 33 s on a 2-CPU machine (docs/ray.md).
 HEALTH_CHECK_INTERVAL_S = "0.1"
 
 
@@ -52,24 +52,36 @@ def set_ray_environment() -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Ray Train's Prometheus metrics: two more callbacks per worker-group trial that nothing here reads.
+    os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join ``address`` (e.g. "auto" or "host:port"), or start a local Ray on 127.0.0.1 sized to this machine."""
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, *, verbose: bool = True) -> None:
+    """Join ``address`` (e.g. "auto" or "host:port"), or start a new local Ray on 127.0.0.1 sized to this machine.
+
+    Without an address a new local instance is always started (``address="local"``), even where a
+    cluster from ``ray start`` runs or left its address behind: joining it by accident would share
+    its resources, and refuse ``num_cpus``. ``verbose=False`` keeps the workers' output and Ray's
+    own info lines off the console; they stay in Ray's session logs.
+    """
     import ray
 
     if ray.is_initialized():
         return
     set_ray_environment()
+    # Quiet: Ray's info lines and its notice that token authentication is on (it is, and stays on).
+    quiet = {} if verbose else {"logging_level": logging.ERROR}
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=verbose, **quiet)
         return
     ray.init(
+        address="local",
         num_cpus=num_cpus or os.cpu_count(),
-        include_dashboard=True,  # the placement-group cleaner needs its State API (RAY_NOTES.md)
+        include_dashboard=True,  # the placement-group cleaner needs its State API (docs/ray.md)
         dashboard_host="127.0.0.1",
         _node_ip_address="127.0.0.1",
-        log_to_driver=True,
+        log_to_driver=verbose,
+        **quiet,
     )
 
 

@@ -121,12 +121,18 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+EXECUTORS = pytest.mark.parametrize("executor", ["auto", "workers"])
+
+
 @pytest.mark.ray
-def test_four_trial_sweep_finishes_and_reports_the_best_stored_trial(tmp_path):
+@EXECUTORS
+def test_four_trial_sweep_finishes_and_reports_the_best_stored_trial(tmp_path, executor):
     proc = subprocess.run(
         [
             sys.executable,
             str(ROOT / "run_sweep.py"),
+            "--executor",
+            executor,
             "--storage",
             str(tmp_path),
             "--name",
@@ -182,12 +188,13 @@ def _tune_epochs(sweep_dir: Path) -> dict[str, list[int]]:
 
 
 @pytest.mark.ray
-def test_killed_sweep_driver_resumes_without_losing_or_repeating_trials(tmp_path):
+@EXECUTORS
+def test_killed_sweep_driver_resumes_without_losing_or_repeating_trials(tmp_path, executor):
     # One trial at a time; SIGKILL the driver's whole process group (driver and its local Ray) once one
     # trial has finished and the next has checkpointed an epoch but not finished. `--resume` must
     # keep the finished trial, continue the interrupted one from its checkpoint, and run the rest.
     epochs, storage = 4, tmp_path / "store"
-    args = ["--name", "k", "--num-samples", "3", "--max-concurrent", "1", "--set", f"epochs={epochs}"]
+    args = ["--name", "k", "--num-samples", "3", "--max-concurrent", "1", "--set", f"epochs={epochs}", "--executor", executor]
     args += ["--set", "train_split=train[:768]"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(ROOT / "run_sweep.py"), "--storage", str(storage), *args]
@@ -244,14 +251,15 @@ def test_log_flag_adds_the_tracker_callback_and_progress_counts_finished_trials(
     progress.on_trial_result(0, [a, b, c], b, {"val/top1": 88.0})  # worse: the best stays
     with caplog.at_level("INFO", logger="pf_sweep.progress"):
         progress.on_trial_complete(0, [a, b, c], b)
-    assert "trial b finished: 2/3 done, best val/top1 91 (trial b)" in caplog.text
+    assert "trial b finished (val/top1 88): 2/3 done, best val/top1 91 (trial b)" in caplog.text
 
 
 @pytest.mark.ray
-def test_sigterm_stops_the_sweep_cleanly_and_prints_the_resume_command(tmp_path):
+@EXECUTORS
+def test_sigterm_stops_the_sweep_cleanly_and_prints_the_resume_command(tmp_path, executor):
     # What `ray job stop` or Kubernetes sends: the CLI turns it into Tune's graceful Ctrl-C stop.
     storage = tmp_path / "store"
-    args = ["--name", "t", "--num-samples", "3", "--max-concurrent", "1", "--set", "epochs=4"]
+    args = ["--name", "t", "--num-samples", "3", "--max-concurrent", "1", "--set", "epochs=4", "--executor", executor]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(ROOT / "run_sweep.py"), "--storage", str(storage), *args]
     driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

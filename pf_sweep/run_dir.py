@@ -1,0 +1,116 @@
+"""A trial's run directory, ``runs/train-<trial id>/``: its ``checkpoint_<epoch>/`` folders.
+
+Both ways a sweep runs a trial store checkpoints here under the same names: a Ray Train worker group
+(Train uploads them) and a one-worker trial run inside its Tune trial actor (this module writes
+them). A checkpoint is complete or absent: locally it is written under a hidden temporary name and
+renamed into place, so a crash between its files never leaves a folder ``latest`` would pick. On a
+URI (``s3://``, ``gs://``, ``file://``) the files are uploaded through pyarrow and a folder counts
+only once all three files are there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from pf_sweep.checkpoint import CONFIG_FILE, METRICS_FILE, STATE_FILE
+from pf_sweep.storage import StoragePath
+
+CHECKPOINT_PREFIX = "checkpoint_"
+_FILES = (STATE_FILE, CONFIG_FILE, METRICS_FILE)
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{int(epoch):06d}"
+
+
+class RunDirectory:
+    """Complete checkpoints of one trial, newest last; writes new ones and prunes old ones."""
+
+    def __init__(self, location: str | Path | StoragePath) -> None:
+        self.location = location if isinstance(location, StoragePath) else StoragePath.of(location)
+        self._downloads: list[str] = []
+
+    def _listing(self) -> dict[str, set[str]]:
+        """{checkpoint folder name: the file names in it}."""
+        if self.location.is_local:
+            root = Path(self.location.location)
+            if not root.is_dir():
+                return {}
+            return {p.name: {f.name for f in p.iterdir()} for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()}
+        import pyarrow.fs
+
+        fs, root = self.location._fs()
+        if fs.get_file_info(root).type == pyarrow.fs.FileType.NotFound:
+            return {}
+        found: dict[str, set[str]] = {}
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True)):
+            parts = info.path[len(root) :].strip("/").split("/")
+            if len(parts) == 2 and parts[0].startswith(CHECKPOINT_PREFIX):
+                found.setdefault(parts[0], set()).add(parts[1])
+        return found
+
+    def checkpoints(self) -> list[str]:
+        """Names of the complete checkpoints, oldest first (the names sort by epoch)."""
+        return sorted(name for name, files in self._listing().items() if set(_FILES) <= files)
+
+    def latest(self) -> str | None:
+        """A local directory holding the newest complete checkpoint (a downloaded copy for a URI)."""
+        names = self.checkpoints()
+        if not names:
+            return None
+        source = self.location / names[-1]
+        if self.location.is_local:
+            return str(source)
+        import pyarrow.fs
+
+        local = tempfile.mkdtemp(prefix="pf-resume-")
+        self._downloads.append(local)
+        fs, path = source._fs()
+        pyarrow.fs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem())
+        return local
+
+    def write(self, epoch: int, write_fn: Callable[[Path], None]) -> str:
+        """Write checkpoint ``epoch`` with ``write_fn(directory)``; returns where it now lives."""
+        name = checkpoint_name(epoch)
+        target = self.location / name
+        if self.location.is_local:
+            root = Path(self.location.location)
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+            try:
+                write_fn(tmp)
+                if Path(target.location).exists():  # the same epoch again, after a resume
+                    shutil.rmtree(target.location)
+                os.replace(tmp, target.location)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            return target.location
+        import pyarrow.fs
+
+        with tempfile.TemporaryDirectory(prefix="pf-ckpt-") as tmp:
+            write_fn(Path(tmp))
+            fs, path = target._fs()
+            fs.create_dir(path, recursive=True)
+            pyarrow.fs.copy_files(tmp, path, source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs)
+        return target.location
+
+    def prune(self, keep: int) -> None:
+        """Delete all but the ``keep`` newest complete checkpoints (Ray Train's ``num_to_keep``)."""
+        for name in self.checkpoints()[:-keep] if keep > 0 else []:
+            old = self.location / name
+            if self.location.is_local:
+                shutil.rmtree(old.location, ignore_errors=True)
+            else:
+                fs, path = old._fs()
+                fs.delete_dir(path)
+
+    def cleanup(self) -> None:
+        """Remove local copies made by ``latest`` for a URI run directory."""
+        for path in self._downloads:
+            shutil.rmtree(path, ignore_errors=True)
+        self._downloads.clear()
