@@ -97,6 +97,9 @@ class TrialConfig:
     checkpoint_every: int = 1
     log_every: int = 0
     max_failures: int = 0
+    # Toneva et al. example forgetting: per training example and epoch, was the clean (and the perturbed)
+    # pass correct; saved as examples.npz beside each checkpoint, read by analysis.forgetting.load_record.
+    record_examples: bool = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -2,8 +2,14 @@
 
 It builds everything from the config (data shard, model, SAM, schedule), resumes from the latest
 checkpoint when there is one, trains, evaluates every epoch and reports once per epoch (each report
-is a barrier across workers and costs time, see RAY_NOTES.md). ``run(cfg, session)`` is the same
+is a barrier across workers and costs time, see docs/ray.md). ``run(cfg, session)`` is the same
 loop against any ``Session``, which is how a trial also runs in-process.
+
+With ``record_examples`` the loop also keeps Toneva et al.'s per-example record: the sampler's order
+for the epoch is deterministic, so batch i of a rank holds the dataset indices at positions
+[i * batch_size, (i + 1) * batch_size) of ``ShardedSampler.indices()``; the clean (and perturbed)
+correctness of those examples is written on the device, ranks are merged once per epoch, and the
+record is saved as ``examples.npz`` beside every checkpoint (``pf_sweep.checkpoint``).
 """
 
 from __future__ import annotations
@@ -21,10 +27,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pf_sweep.checkpoint import load_checkpoint, save_checkpoint
+from pf_sweep.checkpoint import load_checkpoint, load_examples, save_checkpoint
 from pf_sweep.config import TrialConfig
 from pf_sweep.data import DatasetInfo, ShardedSampler, TransformedSplit, build_loader, build_transform, get_source
-from pf_sweep.forgetting import FORGETTING_KEYS
+from pf_sweep.forgetting import FORGETTING_KEYS, ExampleRecorder
 from pf_sweep.losses import build_loss, build_perturbation
 from pf_sweep.models import build_model
 from pf_sweep.optim import SAM
@@ -187,6 +193,9 @@ def run(cfg: TrialConfig, session: Session) -> None:
     updates_per_epoch = len(data.train) // cfg.grad_accum_steps
     scheduler = build_scheduler(optimizer, cfg, updates_per_epoch)
     snp = _SnpAnchor(bare, cfg.snp_factor) if cfg.snp_factor > 0 else None
+    recorder = (
+        ExampleRecorder(data.train_sampler.size, session.device, has_perturbed=cfg.uses_sam) if cfg.record_examples else None
+    )
 
     start_epoch, step, history = 0, 0, []
     checkpoint = session.latest_checkpoint()
@@ -200,13 +209,15 @@ def run(cfg: TrialConfig, session: Session) -> None:
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(_as_tuple(state["rng"]["python"]))
         start_epoch, step, history = state["epoch"] + 1, state["step"], state["history"]
+        if recorder is not None:
+            _resume_record(recorder, checkpoint, start_epoch)
         logger.info("resumed from %s at epoch %d", checkpoint, start_epoch)
 
     peak_lr = cfg.resolved_lr
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         train_stats, step = _train_epoch(
-            cfg, session, model, data, optimizer, scheduler, loss_fn, perturb_fn, snp, epoch, step, peak_lr
+            cfg, session, model, data, optimizer, scheduler, loss_fn, perturb_fn, snp, epoch, step, peak_lr, recorder
         )
         scheduler.step(epoch + 1)
         epoch_s = time.perf_counter() - t0
@@ -246,15 +257,36 @@ def run(cfg: TrialConfig, session: Session) -> None:
             if snp is not None:
                 state["snp_initial"] = snp.initial
 
-            write = functools.partial(_write_checkpoint, state=state, config=cfg.to_dict(), history=list(history))
+            write = functools.partial(
+                _write_checkpoint, state=state, config=cfg.to_dict(), history=list(history), recorder=recorder
+            )
 
         session.report(metrics, write)
         if session.rank == 0:
             logger.info("epoch %d: val/top1 %.2f train/loss %.4f", epoch, val["top1"], metrics["train/loss"])
 
 
-def _write_checkpoint(directory: Path, *, state: dict, config: dict, history: list[dict]) -> None:
-    save_checkpoint(directory, state, config, history)
+def _write_checkpoint(
+    directory: Path, *, state: dict, config: dict, history: list[dict], recorder: ExampleRecorder | None = None
+) -> None:
+    # The record is read here, not when the partial is built: only the rank that writes pays for it,
+    # and it cannot change in between (the loop waits for the report that calls this).
+    save_checkpoint(directory, state, config, history, examples=recorder.arrays() if recorder is not None else None)
+
+
+def _resume_record(recorder: ExampleRecorder, checkpoint: str, start_epoch: int) -> None:
+    arrays = load_examples(checkpoint)
+    if arrays is None:
+        logger.warning("checkpoint %s has no example record: recording starts at epoch %d", checkpoint, start_epoch)
+        return
+    recorder.load_arrays(arrays, before_epoch=start_epoch)
+
+
+def _all_reduce_min(session: Session):
+    """In-place elementwise-min all-reduce across ranks, or None on a single rank."""
+    if session.world_size > 1 and dist.is_initialized():
+        return functools.partial(dist.all_reduce, op=dist.ReduceOp.MIN)
+    return None
 
 
 def _as_tuple(x: Any) -> Any:
@@ -262,11 +294,13 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
 
 
-def _train_epoch(cfg, session, model, data, optimizer, scheduler, loss_fn, perturb_fn, snp, epoch, step, peak_lr):
+def _train_epoch(cfg, session, model, data, optimizer, scheduler, loss_fn, perturb_fn, snp, epoch, step, peak_lr, recorder=None):
     """One pass over this worker's shard; returns epoch-averaged metrics (averaged over workers too)."""
     model.train()
     device = session.device
     data.train_sampler.set_epoch(epoch)
+    if recorder is not None:
+        recorder.start_epoch(epoch, data.train_sampler.indices())
     accum = cfg.grad_accum_steps
     keys = ["loss", "perturb_loss", "top1", *FORGETTING_KEYS] if cfg.uses_sam else ["loss", "top1"]
     sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
@@ -282,8 +316,18 @@ def _train_epoch(cfg, session, model, data, optimizer, scheduler, loss_fn, pertu
         with _autocast(device, cfg.amp):
             if cfg.uses_sam:
                 stats = optimizer.backward(
-                    model, x, y, loss_fn, perturb_fn, sharpness_m=cfg.sharpness_m, accum_steps=accum, sync=last_micro
+                    model,
+                    x,
+                    y,
+                    loss_fn,
+                    perturb_fn,
+                    sharpness_m=cfg.sharpness_m,
+                    accum_steps=accum,
+                    sync=last_micro,
+                    per_example=recorder is not None,
                 )
+                if recorder is not None:
+                    recorder.record(i * cfg.batch_size, y, stats["correct"], stats["correct_perturbed"])
                 values = [stats["loss"], stats["perturb_loss"], stats["clean_top1"], *(stats[k] for k in FORGETTING_KEYS)]
             else:
                 sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
@@ -291,7 +335,10 @@ def _train_epoch(cfg, session, model, data, optimizer, scheduler, loss_fn, pertu
                     logits = model(x)
                     loss = loss_fn(logits, y)
                     (loss / accum).backward()
-                values = [loss.detach(), (logits.detach().argmax(-1) == y).float().mean()]
+                correct = logits.detach().argmax(-1) == y
+                if recorder is not None:
+                    recorder.record(i * cfg.batch_size, y, correct, None)
+                values = [loss.detach(), correct.float().mean()]
         sums += torch.stack([v.double() for v in values])
         n_batches += 1
         if last_micro:
@@ -303,6 +350,8 @@ def _train_epoch(cfg, session, model, data, optimizer, scheduler, loss_fn, pertu
             scheduler.step_update(num_updates=step)
             if cfg.log_every and session.rank == 0 and step % cfg.log_every == 0:
                 logger.info("epoch %d step %d loss %.4f", epoch, step, values[0].item())
+    if recorder is not None:
+        recorder.end_epoch(_all_reduce_min(session))
     avg = (_all_reduce(sums, session) / (max(n_batches, 1) * session.world_size)).tolist()
     out = {}
     for key, value in zip(keys, avg, strict=True):

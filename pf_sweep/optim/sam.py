@@ -349,13 +349,16 @@ class SAM(torch.optim.Optimizer):
         sharpness_m: int | None = None,
         accum_steps: int = 1,
         sync: bool = True,
+        per_example: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Compute the SAM update gradient into ``.grad`` (see the class docstring for the math).
 
         ``loss_fn(logits, targets)`` is the training loss L; ``perturb_fn`` the perturbation
         objective P (None: P = L, the standard "max" perturbation). Returns 0-d tensors averaged over
         sub-batches: ``loss`` (L at w + e), ``clean_loss`` (L at w), ``perturb_loss`` (P at w),
-        ``clean_top1`` and the forgetting statistics of ``pf_sweep.forgetting``.
+        ``clean_top1`` and the forgetting statistics of ``pf_sweep.forgetting``. With ``per_example``
+        also ``correct`` and ``correct_perturbed``: boolean tensors over the whole batch (argmax ==
+        target at w and at w + e), which the statistics compute anyway (the example recorder's input).
         """
         batch = inputs.shape[0]
         if targets.shape[0] != batch:
@@ -373,6 +376,7 @@ class SAM(torch.optim.Optimizer):
         n_sub = batch // m
         scale = 1.0 / (n_sub * accum_steps)
         sums: dict[str, torch.Tensor] = {}
+        hits: dict[str, list[torch.Tensor]] = {"correct": [], "correct_perturbed": []} if per_example else {}
 
         with _no_sync(model):
             torch._foreach_copy_(backup.views, params)  # restores are exact copies: one backup serves all sub-batches
@@ -393,7 +397,9 @@ class SAM(torch.optim.Optimizer):
                 owned = self.gsam_alpha <= 0 and _writable_in_place(grads)
                 self._accumulate_(params, self._descent_gradient(grads), scale, owned=owned)
 
-                stats = forgetting_stats(logits, perturbed_logits, y, clean_loss, loss)
+                stats = forgetting_stats(logits, perturbed_logits, y, clean_loss, loss, per_example=per_example)
+                for key, found in hits.items():
+                    found.append(stats.pop(key))
                 stats["loss"] = loss.detach().float()
                 stats["clean_loss"] = clean_loss.detach().float()
                 stats["perturb_loss"] = objective.detach().float()
@@ -403,7 +409,7 @@ class SAM(torch.optim.Optimizer):
 
         if sync and dist.is_available() and dist.is_initialized():
             self._all_reduce_grads_(params)
-        return {key: sums[key] / n_sub for key in STAT_KEYS}
+        return {key: sums[key] / n_sub for key in STAT_KEYS} | {key: torch.cat(found) for key, found in hits.items()}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None, *, model: nn.Module | None = None):
