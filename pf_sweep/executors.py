@@ -164,7 +164,9 @@ def _report_to_queue_callback(queue: Any, last_epoch: int, delay_last_s: float):
             if checkpoint is not None:
                 item[CHECKPOINT_PATH_KEY] = checkpoint_location(checkpoint)
             if delay_last_s > 0 and int(item.get("epoch", -1)) == last_epoch:
-                threading.Timer(delay_last_s, queue.put, (item,)).start()
+                late = threading.Timer(delay_last_s, queue.put, (item,))
+                late.daemon = True  # may never fire: the controller can exit first
+                late.start()
                 return
             queue.put(item)  # unbounded queue: never blocks the controller
 
