@@ -3,6 +3,7 @@ the correlation of each with generalization.
 
     from analysis import load_sweep, load_history              # pandas DataFrames
     from analysis import hessian, sharpness, forgetting, correlation
+    from analysis import tables, plots, measure                 # paper tables, figures, a whole sweep on Ray
 
 Every measure is a plain function of ``(model, loss_fn, data)`` returning numbers, and every table
 a tidy DataFrame. Submodules load on first use, so ``import analysis`` stays cheap (no torch until a
@@ -14,7 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_SUBMODULES = ("results", "hessian", "sharpness", "forgetting", "correlation")
+_SUBMODULES = ("results", "checkpoints", "hessian", "sharpness", "forgetting", "correlation", "tables", "plots", "measure")
 _FROM_RESULTS = ("load_sweep", "load_history")
 
 __all__ = [*_SUBMODULES, *_FROM_RESULTS]
