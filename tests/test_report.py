@@ -1,0 +1,70 @@
+"""``python -m analysis report``: one command from a sweep directory to tables, figures and correlations."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACE = """
+from search_spaces.base import SearchSpace
+
+SPACE = SearchSpace(
+    name="report_test",
+    description="SAM max vs OBF over rho, and one point that fails at run time",
+    base={"dataset": "digits", "epochs": 2, "batch_size": 64, "train_eval_size": 64, "lr": 0.05, "method": "sam"},
+    grid={"rho": [0.02, 0.2], "perturbation": ["max", "obf"], "train_split": ["train[:320]", "train[:8]"]},
+    max_concurrent=2,
+)
+"""
+
+
+def _run(args, cwd, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    (tmp / "space.py").write_text(SPACE)
+    proc = _run([str(ROOT / "run_sweep.py"), "--space", str(tmp / "space.py"), "--storage", str(tmp), "--name", "r"], tmp, 400)
+    assert "failed" in proc.stdout + proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return tmp / "r"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_report_writes_a_page_whose_links_all_resolve_and_names_the_failed_trials(sweep):
+    proc = _run(["-m", "analysis", "report", str(sweep)], sweep.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "8 trials: 4 finished, 4 failed, 0 unfinished" in proc.stdout
+    index = sweep / "report" / "index.html"
+    assert f"report: {index}" in proc.stdout
+    page = index.read_text()
+    links = re.findall(r'(?:href|src)="([^"#]+)"', page) + re.findall(r"href='([^'#]+)'", page)
+    assert len(links) > 10
+    for link in links:
+        assert (index.parent / link).is_file(), f"broken link {link}"
+    pngs = [index.parent / link for link in links if link.endswith(".png")]
+    assert {p.stem for p in pngs} >= {"val_top1_vs_rho", "gen_gap_vs_rho", "training_curves", "correlation_heatmap"}
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert page.count("failed <code>") == 4 and "fewer than one update" in page
+    # The tables are inline and on disk; the settings come from sweep.json.
+    assert "SAM" in page and "OBF" in page and "report_test" in page
+    assert "\\toprule" in (index.parent / "accuracy.tex").read_text()
+    assert "Rank correlation of each measure" in page and "tau" in (index.parent / "correlation.md").read_text().lower()
+    assert "| SAM |" in (index.parent / "accuracy.md").read_text()
+
+
+def test_a_path_that_is_not_a_sweep_exits_2_with_one_message(tmp_path):
+    proc = _run(["-m", "analysis", "report", str(tmp_path)], tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "No sweep at" in proc.stderr
+    assert not (tmp_path / "report").exists()
