@@ -68,3 +68,50 @@ def test_a_path_that_is_not_a_sweep_exits_2_with_one_message(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "No sweep at" in proc.stderr
     assert not (tmp_path / "report").exists()
+
+
+NOTEBOOKS = ROOT / "analysis" / "notebooks"
+
+
+def _execute(name: str, parameters: str, cwd: Path):
+    import nbclient
+    import nbformat
+
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{name}: exactly one cell tagged 'parameters'"
+    nb.cells.insert(tagged[0] + 1, nbformat.v4.new_code_cell(parameters))  # what papermill injects
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    html_out = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
+    return images, html_out
+
+
+@pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.name)
+def test_notebooks_are_committed_without_outputs(path):
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(not c.outputs and c.execution_count is None for c in code)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_reproduce_tables_notebook_runs_top_to_bottom_on_a_sweep(sweep, tmp_path):
+    images, html_out = _execute("reproduce_tables.ipynb", f"sweep_dir = {str(sweep)!r}", tmp_path)
+    assert len(images) >= 3  # accuracy and gen_gap vs rho, training curves
+    assert "SAM" in html_out and "OBF" in html_out and "±" in html_out
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_forgetting_vs_sharpness_notebook_measures_and_correlates(sweep, tmp_path):
+    params = f"sweep_dir = {str(sweep)!r}\n"
+    params += 'measures = ["hessian_top", "worst_case_linf_adaptive"]\nrho_eval = [0.002]\ndata = "train[:128]"'
+    images, html_out = _execute("forgetting_vs_sharpness.ipynb", params, tmp_path)
+    assert len(images) >= 3  # the heat map and one scatter per measure
+    assert "hessian_top" in html_out and "worst_case_linf_adaptive" in html_out
+    assert (sweep / "measures").is_dir()
