@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--rho-eval", default="", help="comma-separated rho grid for the rho-taking measures")
     report.add_argument("--data", default="train[:1024]", help="the fixed data every checkpoint is measured on")
     report.add_argument("--address", help="Ray cluster for the measures (default: a local Ray)")
+    report.add_argument("--claims", action="store_true", help="add a section answering each of the paper's claims")
     args = parser.parse_args(argv)
 
     from analysis.report import build
@@ -23,7 +24,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         measures = [m for m in args.measures.split(",") if m]
         rho_eval = [float(r) for r in args.rho_eval.split(",") if r]
-        result = build(args.sweeps, out=args.out, measures=measures, rho_eval=rho_eval, data=args.data, address=args.address)
+        result = build(
+            args.sweeps,
+            out=args.out,
+            measures=measures,
+            rho_eval=rho_eval,
+            data=args.data,
+            address=args.address,
+            claims=args.claims,
+        )
     except ValueError as err:
         parser.exit(2, f"python -m analysis: error: {err}\n")
     c = result.counts

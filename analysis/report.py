@@ -93,6 +93,7 @@ def build(
     rho_eval: Sequence[float] = (),
     data: str = "train[:1024]",
     address: str | None = None,
+    claims: bool = False,
 ) -> Report:
     """Write the report of ``sweep_dirs`` and return what it wrote. Raises ValueError for a non-sweep."""
     paths = [str(p) for p in sweep_dirs]
@@ -138,6 +139,8 @@ def build(
         candidates = [c for c in done.columns if c.startswith("forget/") and c.endswith("/mean")] + measure_columns
         if TARGET in done and candidates and len(done) >= 3:
             sections.append(_correlation_section(out_dir, done, candidates, hyper, load, files))
+    if claims and not done.empty:
+        sections.append(_claims_section(out_dir, done, measure_columns, _hyperparams(done), files))
     sections.append(
         Section("Data", "<ul>" + "".join(f'<li><a href="{f}">{f}</a></li>' for f in files if f.endswith(".csv")) + "</ul>")
     )
@@ -258,6 +261,37 @@ def _correlation_section(
         scatters.append(block)
         files += names
     return Section("Forgetting and sharpness vs generalization", table_block + heat + "".join(scatters))
+
+
+def _claims_section(out: Path, done: pd.DataFrame, flatness: list[str], hyper: list[str], files: list[str]) -> Section:
+    from analysis import claims
+
+    accuracy = ["val/top1", *[c for c in done.columns if c.startswith("eval/") and c != "eval/train_subset/top1"]]
+    findings = claims.obf_vs_max(done, accuracy) + claims.m_trend(done)
+    frame = claims.findings_frame(findings)
+    frame.to_csv(out / "claims.csv", index=False)
+    files.append("claims.csv")
+    forget = [c for c in done.columns if c.startswith("forget/") and c.endswith("/mean")]
+    side = claims.forgetting_vs_flatness(done, forget, flatness, hyper)
+    parts = [
+        "<p>Each claim of the paper, answered from this sweep with 95% bootstrap intervals. A claim whose "
+        "interval spans zero is not answered at this scale.</p>"
+    ]
+    if not frame.empty:
+        shown = frame.assign(
+            estimate=frame["estimate"].map("{:.3g}".format),
+            CI=[f"[{lo:.3g}, {hi:.3g}]" for lo, hi in zip(frame["ci_low"], frame["ci_high"], strict=True)],
+        )[["claim", "statistic", "estimate", "CI", "n", "verdict"]]
+        parts.append(shown.to_html(index=False, escape=True))
+    parts.append("<h3>3. Forgetting vs flatness as predictors of the generalization gap</h3>")
+    if side.empty:
+        parts.append("<p>Not enough measured runs.</p>")
+    else:
+        side.to_csv(out / "claim3_forgetting_vs_flatness.csv")
+        files.append("claim3_forgetting_vs_flatness.csv")
+        parts.append(side.round(3).to_html(escape=True))
+        parts.append(f"<p><strong>{html.escape(claims.claim3_verdict(side))}</strong></p>")
+    return Section("The paper's claims, measured", "".join(parts))
 
 
 def _page(paths: list[str], sections: list[Section]) -> str:
