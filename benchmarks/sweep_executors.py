@@ -32,6 +32,8 @@ from pathlib import Path
 
 import psutil
 
+from pf_sweep.run_dir import RunDirectory
+
 ROOT = Path(__file__).resolve().parents[1]
 REPLAY = """
 import json, sys, time
@@ -86,7 +88,7 @@ def run_cli(space: str, executor: str, storage: Path, extra: list[str]) -> dict:
         raise SystemExit(f"{name} failed:\n{err[-3000:]}")
     configs, loop = [], 0.0
     for run in sorted((storage / name / "runs").iterdir()):
-        final = sorted(run.glob("checkpoint_*"))[-1]
+        final = run / RunDirectory(run).checkpoints()[-1]
         configs.append(json.loads((final / "config.json").read_text()))
         loop += sum(r["time/epoch_s"] + r["time/eval_s"] for r in json.loads((final / "metrics.json").read_text()))
     actors = [s for s in sampler.actor_series.values() if len(s) > 4]
