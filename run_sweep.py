@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     resume_hint = f"python run_sweep.py --storage {args.storage} --name {name} --resume"
     planned = meta.get("trials", 0) if args.resume else sweep.planned_trials(space, settings)
     try:
-        sweep.ensure_sweep_ray(args.address, verbose=args.verbose)
+        stored = meta.get("settings", {}) if args.resume else settings.__dict__
+        sweep.ensure_sweep_ray(args.address, verbose=args.verbose, worker_groups=sweep.uses_worker_groups(stored))
         # `ray job stop` and Kubernetes send SIGTERM: stop the way Ctrl-C does (Tune saves its state on
         # SIGINT). Installed after ray.init, whose own SIGTERM handler aborts the driver.
         signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))

@@ -98,7 +98,8 @@ def run_cli(space: str, executor: str, storage: Path, extra: list[str]) -> dict:
         "configs": configs,
         "driver_peak_mb": sampler.driver_peak / 2**20,
         "actor_peak_mb": max((max(s) for s in actors), default=0) / 2**20,
-        # RSS of a long-lived (reused) actor: median of its first 10% of samples vs its last 10%.
+        # RSS of a long-lived (reused) actor: its last tenth of samples vs its third tenth (the first
+        # ones are the process still importing torch and building its first trial).
         "actor_growth_mb": max((_tail(s) - _head(s) for s in actors), default=0.0) / 2**20,
         "actors": len(sampler.actor_series),
     }
@@ -106,7 +107,8 @@ def run_cli(space: str, executor: str, storage: Path, extra: list[str]) -> dict:
 
 def _head(series: list[int]) -> float:
     k = max(1, len(series) // 10)
-    return sorted(series[:k])[k // 2]
+    window = series[2 * k : 3 * k] or series[:k]
+    return sorted(window)[len(window) // 2]
 
 
 def _tail(series: list[int]) -> float:

@@ -17,10 +17,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
@@ -41,6 +43,8 @@ def save_checkpoint(
     if examples is not None:  # before state.pt: a checkpoint that has its state has its record
         save_examples(directory, examples)
     tmp = directory / (STATE_FILE + ".tmp")
+    import torch  # here, not at the top: a sweep's driver reads these file names without loading torch
+
     torch.save(state, tmp)
     os.replace(tmp, directory / STATE_FILE)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True))
@@ -51,6 +55,8 @@ def save_checkpoint(
 def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The saved state plus ``config`` and ``history``; tensors load with ``weights_only=True``."""
     directory = Path(directory)
+    import torch
+
     state = torch.load(directory / STATE_FILE, map_location=map_location, weights_only=True)
     state["config"] = json.loads((directory / CONFIG_FILE).read_text())
     metrics = directory / METRICS_FILE

@@ -31,8 +31,7 @@ from typing import Any
 
 from pf_sweep.checkpoint import METRICS_FILE
 from pf_sweep.config import TrialConfig
-from pf_sweep.run_dir import RunDirectory
-from pf_sweep.session import CHECKPOINT_PATH_KEY, TuneSession
+from pf_sweep.run_dir import CHECKPOINT_PATH_KEY
 from pf_sweep.storage import StoragePath
 
 logger = logging.getLogger(__name__)
@@ -125,6 +124,9 @@ def run_in_actor(cfg: TrialConfig, run_location: str, *, tune_seen: int | None =
     """
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    from pf_sweep.run_dir import RunDirectory
+    from pf_sweep.session import TuneSession  # torch: only in the trial actor, never in the driver
 
     gc.collect()
     run_dir = RunDirectory(run_location)

@@ -20,6 +20,7 @@ from pf_sweep.checkpoint import CONFIG_FILE, METRICS_FILE, STATE_FILE
 from pf_sweep.storage import StoragePath
 
 CHECKPOINT_PREFIX = "checkpoint_"
+CHECKPOINT_PATH_KEY = "checkpoint_path"  # the metric that tells Tune (and summary.csv) where a checkpoint is
 _FILES = (STATE_FILE, CONFIG_FILE, METRICS_FILE)
 
 

@@ -15,10 +15,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from pf_sweep.run_dir import CHECKPOINT_PREFIX, RunDirectory, checkpoint_name
+from pf_sweep.run_dir import CHECKPOINT_PATH_KEY, CHECKPOINT_PREFIX, RunDirectory, checkpoint_name
 
 __all__ = ["CHECKPOINT_PREFIX", "LocalSession", "RaySession", "Session", "TuneSession"]
-CHECKPOINT_PATH_KEY = "checkpoint_path"  # the metric that tells Tune (and summary.csv) where a checkpoint is
 
 
 class Session(Protocol):

@@ -233,15 +233,21 @@ def _trainable(base: dict[str, Any], sweep_dir: StoragePath, in_actor: bool):
     return tune.with_resources(trial, trial_actor_resources(base, in_actor))
 
 
-def ensure_sweep_ray(address: str | None = None, *, verbose: bool = False) -> None:
+def ensure_sweep_ray(address: str | None = None, *, verbose: bool = False, worker_groups: bool = True) -> None:
     """Join ``address``, or start a local Ray that advertises one logical CPU more than the machine.
 
     The extra CPU holds worker-group trials' token shares (``TRIAL_ACTOR_CPU`` each). Without it,
     two 1-worker trials on 2 CPUs need 2.02 CPUs, and the second trial's workers waited for the
     first trial to end (measured by benchmarks/sweep_efficiency.py: 2 slots, never both busy).
     Trials still get at most the real CPUs: the CLI caps concurrency at CPUs // CPUs per trial.
+    ``worker_groups=False`` (every trial trains in its actor) leaves out the dashboard they need.
     """
-    ensure_ray(address, num_cpus=None if address else (os.cpu_count() or 1) + 1, verbose=verbose)
+    ensure_ray(address, num_cpus=None if address else (os.cpu_count() or 1) + 1, verbose=verbose, dashboard=worker_groups)
+
+
+def uses_worker_groups(settings: dict[str, Any]) -> bool:
+    """Whether a sweep with these stored settings (``sweep.json``) starts Ray Train worker groups."""
+    return not runs_in_actor(settings.get("executor", "workers"), int(settings.get("workers_per_trial", 1)))
 
 
 def launch(
@@ -271,8 +277,8 @@ def launch(
         "optuna_storage": storage_url,
         "trials": total,
     }
-    ensure_sweep_ray(address, verbose=settings.verbose)
     in_actor = runs_in_actor(settings.executor, settings.workers_per_trial)
+    ensure_sweep_ray(address, verbose=settings.verbose, worker_groups=not in_actor)
     if space.grid is not None:
         search = {"num_samples": 1}
         param_space = {k: tune.grid_search(v) for k, v in space.grid.items()}
@@ -335,9 +341,9 @@ def resume(sweep_path: str, *, address: str | None = None, verbose: bool = False
     meta = read_sweep(sweep_path)
     if not tune.Tuner.can_restore(str(sweep_dir)):
         raise ValueError(f"No restorable sweep at {sweep_dir} (Tune saved no experiment state there)")
-    ensure_sweep_ray(address, verbose=verbose)
     settings = meta.get("settings", {})
-    in_actor = runs_in_actor(settings.get("executor", "workers"), int(settings.get("workers_per_trial", 1)))
+    in_actor = not uses_worker_groups(settings)
+    ensure_sweep_ray(address, verbose=verbose, worker_groups=not in_actor)
     tuner = tune.Tuner.restore(
         str(sweep_dir),
         _trainable(meta["base"], sweep_dir, in_actor),

@@ -115,3 +115,39 @@ def test_forgetting_vs_sharpness_notebook_measures_and_correlates(sweep, tmp_pat
     assert len(images) >= 3  # the heat map and one scatter per measure
     assert "hessian_top" in html_out and "worst_case_linf_adaptive" in html_out
     assert (sweep / "measures").is_dir()
+
+
+STUDY_SPACE = """
+from search_spaces.base import SearchSpace
+
+SPACE = SearchSpace(
+    name="study_test",
+    description="a shrunk m_sharpness_study",
+    base={"dataset": "digits_spurious", "eval_sets": [["digits_spurious", "validation_aligned"]], "epochs": 1,
+          "batch_size": 64, "lr": 0.05, "method": "sam", "train_split": "train[:320]", "train_eval_size": 64},
+    grid={"perturbation": ["max", "obf"], "sharpness_m": [16, 64], "seed": [0, 1]},
+    max_concurrent=2,
+)
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_make_study_runs_measures_and_answers_each_claim(tmp_path):
+    (tmp_path / "space.py").write_text(STUDY_SPACE)
+    variables = [f"STUDY_SPACE={tmp_path / 'space.py'}", f"STUDY_STORAGE={tmp_path}", "STUDY_NAME=s", "STUDY_DATA=train[:128]"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(["make", "-C", str(ROOT), "study", *variables], capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    page = (tmp_path / "s" / "report" / "index.html").read_text()
+    assert "The paper&#x27;s claims, measured" in page or "The paper's claims, measured" in page
+    import pandas as pd
+
+    found = pd.read_csv(tmp_path / "s" / "report" / "claims.csv")
+    assert {"1. OBF vs max", "2. smaller m generalizes better"} <= set(found["claim"])
+    assert found["verdict"].notna().all() and (found["n"] > 0).any()
+    side = pd.read_csv(tmp_path / "s" / "report" / "claim3_forgetting_vs_flatness.csv", index_col=0)
+    assert set(side["family"]) == {"forgetting", "flatness"} and {"hessian_top", "worst_case_linf_adaptive@rho=0.002"} <= set(
+        side.index
+    )
+    assert (tmp_path / "s" / "measures").is_dir()
