@@ -99,7 +99,13 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict[str, list[torch.Tensor]]]:
     tmp = tmp_path_factory.mktemp("gloo")
-    mp.spawn(_worker, args=(str(tmp / "rendezvous"), str(tmp)), nprocs=WORLD, join=True)
+    try:
+        mp.spawn(_worker, args=(str(tmp / "rendezvous"), str(tmp)), nprocs=WORLD, join=True)
+    except mp.ProcessExitedException:
+        # gloo can abort a rank while it tears the process group down ("terminate called without an
+        # active exception", seen under load), after both ranks saved their results: those still count.
+        if not all((tmp / f"rank{r}.pt").exists() for r in range(WORLD)):
+            raise
     return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

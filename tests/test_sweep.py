@@ -181,9 +181,9 @@ def _finished_and_running(runs: Path, last_epoch: int) -> tuple[list[Path], list
 def _tune_epochs(sweep_dir: Path) -> dict[str, list[int]]:
     """Epochs each Tune trial reported, in order (Tune's own result.json per trial)."""
     out = {}
-    for result in sweep_dir.glob("*/result.json"):
+    for result in sweep_dir.glob("trial-*/result.json"):
         rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
-        out[rows[0]["trial_id"] if rows else result.parent.name] = [int(r["epoch"]) for r in rows]
+        out[result.parent.name.removeprefix("trial-")] = [int(r["epoch"]) for r in rows]
     return out
 
 
@@ -211,6 +211,7 @@ def test_killed_sweep_driver_resumes_without_losing_or_repeating_trials(tmp_path
         driver.wait()
     assert finished and running, "never saw one finished and one running trial before the deadline"
     before = _tune_epochs(storage / "k")
+    trained = {run: (run / f"checkpoint_{epochs - 1:06d}" / "state.pt").stat().st_mtime_ns for run in finished}
 
     proc = _cli([*args, "--resume"], storage=storage, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -222,10 +223,18 @@ def test_killed_sweep_driver_resumes_without_losing_or_repeating_trials(tmp_path
         assert reported[-1] == epochs - 1 and reported == sorted(set(reported)), f"trial {trial_id}: {reported}"
     for run in finished:
         trial_id = run.name.removeprefix("train-")
-        assert after[trial_id] == before[trial_id], "a finished trial ran again"
+        # Not trained again. Either Tune had recorded the trial's end (its results stay as they were),
+        # or the driver died before that: Tune restarts the trial, whose result.json then holds only
+        # what the rerun reported, the stored final row, once.
+        assert (run / f"checkpoint_{epochs - 1:06d}" / "state.pt").stat().st_mtime_ns == trained[run], (
+            "a finished trial ran again"
+        )
+        assert after[trial_id] in (before.get(trial_id), [epochs - 1]), f"trial {trial_id}: {after[trial_id]}"
     for run in running:
         # Tune keeps only the results after the restore; the first one must follow the checkpoint.
-        assert after[run.name.removeprefix("train-")][0] >= 1, "the interrupted trial started over"
+        trial_id = run.name.removeprefix("train-")
+        assert trial_id in after, f"the interrupted trial {trial_id} was lost: Tune had not saved it"
+        assert after[trial_id][0] >= 1, "the interrupted trial started over"
 
 
 def test_log_flag_adds_the_tracker_callback_and_progress_counts_finished_trials(tmp_path, caplog):
