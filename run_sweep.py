@@ -175,6 +175,11 @@ def configure_console(sweep_dir, *, verbose: bool) -> None:
         for handler in list(ray_logger.handlers):
             handler.setLevel(logging.ERROR)
         ray_logger.addHandler(to_file)
+    # Tune's TensorBoard logger renames metrics such as eval/<dataset>:<split>/top1 (a ':' is not a
+    # legal TensorBoard tag) with one warning per trial: the file keeps them, the console does not.
+    tensorboard = logging.getLogger("tensorboardX")
+    tensorboard.propagate = False
+    tensorboard.addHandler(to_file)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,6 +61,20 @@ def summarize(history: pd.DataFrame | Sequence[Mapping[str, Any]]) -> dict[str, 
     return out
 
 
+def summarize_trials(history: pd.DataFrame, by: Sequence[str] = ("sweep", "trial_id")) -> pd.DataFrame:
+    """``summarize`` of every trial in a ``load_history`` frame: one row per trial, keyed by ``by``.
+
+    The frame merges onto ``load_sweep``'s on the same keys, so forgetting aggregates can be
+    correlated with final accuracy without measuring anything.
+    """
+    keys = list(by)
+    rows = [
+        {**dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True)), **summarize(h)}
+        for key, h in history.groupby(keys, sort=True)
+    ]
+    return pd.DataFrame(rows, columns=None if rows else keys)
+
+
 def _epoch_rows(history: pd.DataFrame | Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     frame = history.copy() if isinstance(history, pd.DataFrame) else pd.DataFrame(list(history))
     if frame.empty:

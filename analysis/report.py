@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import correlation, forgetting, plots, tables
-from analysis.results import load_history, load_sweep
+from analysis.results import load_history, load_sweep, varying_fields
 
 TARGET = "gen_gap"
 # Config fields that are not hyperparameters of a correlation (Jiang et al. average over seeds).
@@ -45,25 +45,12 @@ class Report:
 
 
 def _hyperparams(done: pd.DataFrame) -> list[str]:
-    from pf_sweep.config import FIELD_NAMES
-
-    out = []
-    for name in FIELD_NAMES:
-        if name in NOT_HYPERPARAMS or name not in done:
-            continue
-        values = done[name].map(lambda v: json.dumps(v) if isinstance(v, list | tuple | dict) else v)
-        if values.nunique(dropna=False) > 1:
-            out.append(name)
-    return out
+    return [name for name in varying_fields(done) if name not in NOT_HYPERPARAMS]
 
 
-def _forgetting_aggregates(history: pd.DataFrame) -> pd.DataFrame:
-    rows = {}
-    for (sweep, trial_id), h in history.groupby(["sweep", "trial_id"]):
-        rows[(sweep, trial_id)] = forgetting.summarize(h)
-    frame = pd.DataFrame.from_dict(rows, orient="index")
-    frame.index = frame.index.set_names(["sweep", "trial_id"])
-    return frame.reset_index()
+def _load_snippet(sweeps_arg: str) -> str:
+    """The first lines of every "remake" snippet: imports and the sweep loaded as ``trials``."""
+    return f"from analysis import load_sweep, load_history, plots, tables, correlation\ntrials = load_sweep({sweeps_arg})\n"
 
 
 def _figure_block(out: Path, name: str, fig, remake: str, caption: str) -> tuple[str, list[str]]:
@@ -102,7 +89,6 @@ def build(
     out_dir = Path(out) if out is not None else Path(paths[0]) / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     sweeps_arg = repr(paths[0]) if len(paths) == 1 else repr(paths)
-    load = f"from analysis import load_sweep, load_history, plots, tables, correlation\ntrials = load_sweep({sweeps_arg})\n"
 
     done = trials[trials["status"] == "TERMINATED"].copy()
     failed = {r.trial_id: str(r.error) for r in trials.itertuples() if r.status == "ERROR"}
@@ -112,7 +98,7 @@ def build(
     files: list[str] = []
 
     if not history.empty:
-        agg = _forgetting_aggregates(history)
+        agg = forgetting.summarize_trials(history)
         done = done.merge(agg, on=["sweep", "trial_id"], how="left")
     measure_columns: list[str] = []
     if measures and not done.empty:
@@ -135,10 +121,10 @@ def build(
     if not done.empty:
         hyper = _hyperparams(done)
         sections.append(_accuracy_section(out_dir, done, hyper, files))
-        sections.append(_figures_section(out_dir, done, history, hyper, load, files))
+        sections.append(_figures_section(out_dir, done, history, hyper, sweeps_arg, files))
         candidates = [c for c in done.columns if c.startswith("forget/") and c.endswith("/mean")] + measure_columns
         if TARGET in done and candidates and len(done) >= 3:
-            sections.append(_correlation_section(out_dir, done, candidates, hyper, load, files))
+            sections.append(_correlation_section(out_dir, done, candidates, hyper, sweeps_arg, files))
     if claims and not done.empty:
         sections.append(_claims_section(out_dir, done, measure_columns, _hyperparams(done), files))
     sections.append(
@@ -194,8 +180,9 @@ def _accuracy_section(out: Path, done: pd.DataFrame, hyper: list[str], files: li
 
 
 def _figures_section(
-    out: Path, done: pd.DataFrame, history: pd.DataFrame, hyper: list[str], load: str, files: list[str]
+    out: Path, done: pd.DataFrame, history: pd.DataFrame, hyper: list[str], sweeps_arg: str, files: list[str]
 ) -> Section:
+    load = _load_snippet(sweeps_arg)
     blocks = []
     for x in ("rho", "sharpness_m"):
         if x not in hyper:
@@ -211,20 +198,17 @@ def _figures_section(
             files += names
     if not history.empty:
         fig = plots.training_curves(history)
-        remake = f'{load}plots.save(plots.training_curves(load_history({_sweeps_arg(load)})), "training_curves")'
+        remake = f'{load}plots.save(plots.training_curves(load_history({sweeps_arg})), "training_curves")'
         block, names = _figure_block(out, "training_curves", fig, remake, "Training curves of every trial")
         blocks.append(block)
         files += names
     return Section("Figures", "".join(blocks) or "<p>No swept rho or m to plot against.</p>")
 
 
-def _sweeps_arg(load: str) -> str:
-    return load.split("load_sweep(", 1)[1].split(")\n", 1)[0]
-
-
 def _correlation_section(
-    out: Path, done: pd.DataFrame, measures: list[str], hyper: list[str], load: str, files: list[str]
+    out: Path, done: pd.DataFrame, measures: list[str], hyper: list[str], sweeps_arg: str, files: list[str]
 ) -> Section:
+    load = _load_snippet(sweeps_arg)
     usable = [m for m in measures if done[m].notna().sum() >= 3]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # single-valued hyperparameters are left out, as documented

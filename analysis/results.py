@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -427,6 +428,29 @@ def _varying_fields(trials: Sequence[_Trial]) -> list[str]:
     """Searched parameters and config fields that take more than one value, in TrialConfig order."""
     searched = {k for trial in trials for k in trial.params}
     keys = {k for trial in trials for k in trial.config}
-    varying = {k for k in keys if len({json.dumps(trial.config.get(k), sort_keys=True) for trial in trials}) > 1}
-    chosen = searched | varying
-    return [name for name in FIELD_NAMES if name in chosen] + sorted(chosen - set(FIELD_NAMES))
+    varying = {k for k in keys if _takes_several_values(trial.config.get(k) for trial in trials)}
+    return _in_field_order(searched | varying)
+
+
+def varying_fields(trials: pd.DataFrame) -> list[str]:
+    """The config fields (columns of a ``load_sweep`` frame) whose value differs between its rows,
+    in ``TrialConfig`` order: the hyperparameters of these trials, seed included."""
+    names = set(FIELD_NAMES) & set(trials.columns)
+    return _in_field_order({name for name in names if _takes_several_values(trials[name])})
+
+
+def _takes_several_values(values: Iterable[Any]) -> bool:
+    # JSON text compares lists, dicts and NaN-free scalars alike; None (a missing field) is a value.
+    return len({json.dumps(_plain(v), sort_keys=True) for v in values}) > 1
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if hasattr(value, "item") and not isinstance(value, list | tuple | dict):
+        return value.item()  # numpy scalars from a DataFrame column
+    return value
+
+
+def _in_field_order(names: set[str]) -> list[str]:
+    return [name for name in FIELD_NAMES if name in names] + sorted(names - set(FIELD_NAMES))

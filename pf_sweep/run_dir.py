@@ -44,7 +44,7 @@ class RunDirectory:
             return {p.name: {f.name for f in p.iterdir()} for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()}
         import pyarrow.fs
 
-        fs, root = self.location._fs()
+        fs, root = self.location.filesystem()
         if fs.get_file_info(root).type == pyarrow.fs.FileType.NotFound:
             return {}
         found: dict[str, set[str]] = {}
@@ -70,7 +70,7 @@ class RunDirectory:
 
         local = tempfile.mkdtemp(prefix="pf-resume-")
         self._downloads.append(local)
-        fs, path = source._fs()
+        fs, path = source.filesystem()
         pyarrow.fs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem())
         return local
 
@@ -95,7 +95,7 @@ class RunDirectory:
 
         with tempfile.TemporaryDirectory(prefix="pf-ckpt-") as tmp:
             write_fn(Path(tmp))
-            fs, path = target._fs()
+            fs, path = target.filesystem()
             fs.create_dir(path, recursive=True)
             pyarrow.fs.copy_files(tmp, path, source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs)
         return target.location
@@ -107,7 +107,7 @@ class RunDirectory:
             if self.location.is_local:
                 shutil.rmtree(old.location, ignore_errors=True)
             else:
-                fs, path = old._fs()
+                fs, path = old.filesystem()
                 fs.delete_dir(path)
 
     def cleanup(self) -> None:

@@ -49,7 +49,8 @@ class StoragePath:
             return StoragePath(str(Path(self.location).parent))
         return StoragePath(self.location.rstrip("/").rsplit("/", 1)[0])
 
-    def _fs(self) -> tuple[Any, str]:
+    def filesystem(self) -> tuple[Any, str]:
+        """(pyarrow filesystem, path within it): what pyarrow's file calls want for a URI or a local path."""
         import pyarrow.fs
 
         return pyarrow.fs.FileSystem.from_uri(self.location)
@@ -59,20 +60,20 @@ class StoragePath:
             return Path(self.location).exists()
         import pyarrow.fs
 
-        fs, path = self._fs()
+        fs, path = self.filesystem()
         return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
 
     def mkdir(self) -> None:
         if self.is_local:
             Path(self.location).mkdir(parents=True, exist_ok=True)
         else:
-            fs, path = self._fs()
+            fs, path = self.filesystem()
             fs.create_dir(path, recursive=True)
 
     def read_text(self) -> str:
         if self.is_local:
             return Path(self.location).read_text()
-        fs, path = self._fs()
+        fs, path = self.filesystem()
         with fs.open_input_stream(path) as f:
             return f.read().decode()
 
@@ -80,6 +81,6 @@ class StoragePath:
         if self.is_local:
             Path(self.location).write_text(text)
             return
-        fs, path = self._fs()
+        fs, path = self.filesystem()
         with fs.open_output_stream(path) as f:
             f.write(text.encode())

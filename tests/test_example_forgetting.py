@@ -74,6 +74,24 @@ def test_summarize_of_a_history_without_forgetting_is_empty_and_empty_history_ra
         forgetting.summarize([])
 
 
+def test_summarize_trials_gives_one_row_per_trial_equal_to_its_own_summary():
+    history = pd.DataFrame(
+        [
+            {"sweep": "a", "trial_id": "t1", "epoch": 0, "forget/kl": 1.0},
+            {"sweep": "a", "trial_id": "t1", "epoch": 1, "forget/kl": 3.0},
+            {"sweep": "b", "trial_id": "t1", "epoch": 0, "forget/kl": 5.0},  # same id in another sweep
+            {"sweep": "a", "trial_id": "t2", "epoch": 0, "forget/kl": 7.0},
+        ]
+    )
+    out = forgetting.summarize_trials(history).set_index(["sweep", "trial_id"])
+    assert sorted(out.index) == [("a", "t1"), ("a", "t2"), ("b", "t1")]
+    for key, rows in history.groupby(["sweep", "trial_id"]):
+        assert out.loc[key].to_dict() == pytest.approx(forgetting.summarize(rows))
+    assert out.loc[("a", "t1"), "forget/kl/mean"] == 2.0
+    empty = forgetting.summarize_trials(history.iloc[:0])
+    assert empty.empty and list(empty.columns) == ["sweep", "trial_id"]
+
+
 # ----------------------------------------------------------------------------------- example_events
 
 # 5 epochs x 5 examples; X = not presented that epoch.

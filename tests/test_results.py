@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from analysis.results import load_history, load_sweep
+from analysis.results import load_history, load_sweep, varying_fields
 from pf_sweep.config import FIELD_NAMES, TrialConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -316,3 +316,19 @@ def test_two_sweeps_load_together_each_as_alone(digits, grid):
     history = load_history([digits, grid.path])
     assert len(history) == len(load_history(digits)) + len(load_history(grid.path))
     assert "train_split" in history.columns  # varies across the two sweeps, and is the grid's parameter
+
+
+def test_varying_fields_names_the_config_columns_that_differ_in_field_order():
+    frame = pd.DataFrame(
+        {
+            "trial_id": ["a", "b", "c"],
+            "seed": [0, 1, 0],
+            "rho": [0.05, 0.05, 0.05],
+            "eval_sets": [[["d", "v"]], [["d", "v"]], [["d", "w"]]],  # lists compare by value
+            "lr": [0.1, float("nan"), 0.1],  # a missing value differs from a present one
+            "val/top1": [1.0, 2.0, 3.0],  # a metric, not a config field
+        }
+    )
+    expected = [name for name in FIELD_NAMES if name in {"seed", "eval_sets", "lr"}]
+    assert varying_fields(frame) == expected
+    assert varying_fields(frame.iloc[[0, 2]][["seed", "rho"]]) == []
