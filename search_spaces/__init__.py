@@ -8,10 +8,13 @@ defining ``SPACE``, named by its path.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import pkgutil
+import sys
 from pathlib import Path
+from types import ModuleType
 
 from search_spaces.base import SearchSpace
 
@@ -30,9 +33,7 @@ def get(name: str) -> SearchSpace:
         path = Path(name)
         if not path.is_file():
             raise ValueError(f"Invalid space: {name!r} is not a file")
-        spec = importlib.util.spec_from_file_location(f"user_space_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = _load_file(path)
     elif name in names():
         module = importlib.import_module(f"search_spaces.{name}")
     else:
@@ -41,3 +42,22 @@ def get(name: str) -> SearchSpace:
     if not isinstance(space, SearchSpace):
         raise ValueError(f"Invalid space {name!r}: the module defines no SPACE = SearchSpace(...)")
     return space
+
+
+def _load_file(path: Path) -> ModuleType:
+    """Import a user's space file as a module registered in ``sys.modules``.
+
+    Tune pickles the searcher (an Optuna space's ``suggest`` included) by reference when it saves
+    the sweep's state, so the function's module must be importable by name, in this process and in
+    the one that resumes the sweep (which calls ``get`` with the same path before restoring).
+    """
+    name = f"user_space_{path.stem}_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module

@@ -1,0 +1,54 @@
+"""search_spaces.get on a user's file: its Optuna ``suggest`` survives the plain pickle Tune saves it with."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import search_spaces
+
+ROOT = Path(__file__).resolve().parents[1]
+
+USER_SPACE = """
+from search_spaces.base import SearchSpace
+
+
+def suggest(trial):
+    trial.suggest_float("lr", 0.01, 0.1, log=True)
+
+
+SPACE = SearchSpace(name="mine", description="a user's space", base={"epochs": 1}, suggest=suggest)
+"""
+
+
+def test_a_space_file_suggest_pickles_and_unpickles_in_a_process_that_loaded_the_same_file(tmp_path):
+    path = tmp_path / "my_space.py"
+    path.write_text(USER_SPACE)
+    space = search_spaces.get(str(path))
+    blob = pickle.dumps(space.suggest)  # what Tune's OptunaSearch.save does with the searcher's state
+    assert pickle.loads(blob) is space.suggest
+    # A resuming driver: a new process that loads the same file first, then restores the state.
+    (tmp_path / "state.pkl").write_bytes(blob)
+    code = (
+        "import pickle, sys, search_spaces\n"
+        f"search_spaces.get({str(path)!r})\n"
+        f"fn = pickle.loads(open({str(tmp_path / 'state.pkl')!r}, 'rb').read())\n"
+        "print(fn.__name__, fn.__module__)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[0] == "suggest" and proc.stdout.split()[1].startswith("user_space_my_space_")
+
+
+def test_two_space_files_with_the_same_name_do_not_shadow_each_other(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "space.py").write_text(USER_SPACE)
+    (tmp_path / "b" / "space.py").write_text(USER_SPACE.replace('"mine"', '"other"'))
+    first = search_spaces.get(str(tmp_path / "a" / "space.py"))
+    second = search_spaces.get(str(tmp_path / "b" / "space.py"))
+    assert (first.name, second.name) == ("mine", "other")
+    assert first.suggest.__module__ != second.suggest.__module__
+    assert pickle.loads(pickle.dumps(first.suggest)) is first.suggest
