@@ -39,6 +39,7 @@ from typing import Any
 import pandas as pd
 
 from pf_sweep.config import FIELD_NAMES, TrialConfig
+from pf_sweep.divergence import find_reason
 from pf_sweep.storage import StoragePath
 
 SWEEP_FILE = "sweep.json"
@@ -258,9 +259,14 @@ def _full_config(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]
 
 
 def _error_message(text: str | None) -> str | None:
-    """The last meaningful line of Tune's error file: the exception line, without colours or carets."""
+    """The last meaningful line of Tune's error file: the exception line, without colours or carets.
+
+    A diverged trial's is its reason alone (``diverged: train/loss is nan at epoch E step S``).
+    """
     if not text:
         return None
+    if diverged := find_reason(text):
+        return diverged
     for line in reversed(text.splitlines()):
         line = _REPEATED.sub("", _ANSI.sub("", line)).strip()
         if line and set(line) - set("^~ "):

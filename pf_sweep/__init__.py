@@ -1,9 +1,10 @@
 """pf-sweep: distributed sweeps for sharpness-aware training research (SAM, GSAM, ASAM, OBF)."""
 
 from pf_sweep.config import TrialConfig
+from pf_sweep.divergence import TrainingDiverged
 
 __version__ = "0.1.0"
-__all__ = ["TrialConfig", "TrialResult", "__version__", "run_trial"]
+__all__ = ["TrainingDiverged", "TrialConfig", "TrialResult", "__version__", "run_trial"]
 
 
 def __getattr__(name: str):

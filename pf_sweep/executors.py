@@ -14,11 +14,16 @@ Both produce the same metrics for the same config and seed, and the same directo
 The worker-group path reports to Tune through a bridge that cannot deadlock (see
 ``run_worker_group``); Ray's ``TuneReportCallback`` could (a report still in flight when ``fit()``
 returned left Tune's trial thread blocked forever).
+
+A trial whose loss diverges fails with ``TrainingDiverged`` on either path, and leaves
+``diverged.json`` in its run directory: a retry (Tune's, Ray Train's, a resumed sweep's) finds it
+and fails at once with the same reason instead of training again (``pf_sweep.divergence``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -31,6 +36,7 @@ from typing import Any
 
 from pf_sweep.checkpoint import METRICS_FILE
 from pf_sweep.config import TrialConfig
+from pf_sweep.divergence import TrainingDiverged, as_diverged, mark, refuse_if_diverged
 from pf_sweep.run_dir import CHECKPOINT_PATH_KEY
 from pf_sweep.storage import StoragePath
 
@@ -130,6 +136,7 @@ def run_in_actor(cfg: TrialConfig, run_location: str, *, tune_seen: int | None =
 
     gc.collect()
     run_dir = RunDirectory(run_location)
+    refuse_if_diverged(run_dir.location)
     session = TuneSession(run_dir, device="cuda" if cfg.use_gpu else "cpu")
 
     def train_in_this_process(config: dict[str, Any]) -> None:
@@ -144,7 +151,11 @@ def run_in_actor(cfg: TrialConfig, run_location: str, *, tune_seen: int | None =
         run_config=ray.train.RunConfig(name=run_dir.location.name, storage_path=str(run_dir.location.parent)),
     )
     try:
-        trainer.fit()
+        try:
+            trainer.fit()  # local mode: the loop's own exception comes out of fit()
+        except TrainingDiverged as err:
+            mark(run_dir.location, err)
+            raise
         if not session.reports:  # restored after its last epoch had trained
             names = run_dir.checkpoints()
             if names:
@@ -154,6 +165,31 @@ def run_in_actor(cfg: TrialConfig, run_location: str, *, tune_seen: int | None =
 
 
 # ---------------------------------------------------------------------------------------- worker groups
+def _train_unless_diverged(config: dict[str, Any], *, run_location: str) -> None:
+    """A worker's ``train_loop``, refused when the run already diverged (a Ray Train restart,
+    ``TrialConfig.max_failures``), and marking the run when it diverges now.
+
+    Refusals here are not counted in the marker: the first rank to fail ends the others, so a count
+    per rank would depend on timing; the trial-level refusals (Tune's retries, a resume) are."""
+    from pf_sweep.train import train_loop
+
+    refuse_if_diverged(run_location, count=False)
+    try:
+        train_loop(config)
+    except TrainingDiverged as err:
+        mark(run_location, err)  # any rank: the one that diverged first may not be rank 0
+        raise
+
+
+def _diverged_or(error: BaseException, run_location: StoragePath) -> BaseException:
+    """A worker group's failure as the ``TrainingDiverged`` behind it (marked, earliest rank's step), else itself."""
+    diverged = as_diverged(error)
+    if diverged is None:
+        return error
+    mark(run_location, diverged)
+    return diverged
+
+
 def _report_to_queue_callback(queue: Any, last_epoch: int, delay_last_s: float):
     """A Ray Train ``UserCallback`` (runs in Train's controller) putting rank 0's reports into ``queue``."""
     from ray.train.v2.api.callback import UserCallback
@@ -200,11 +236,14 @@ def run_worker_group(
 
     from pf_sweep.trial import build_trainer, checkpoint_location
 
+    location = StoragePath.of(storage_path) / name
+    refuse_if_diverged(location)  # before any worker starts
     reports = Queue(actor_options={"num_cpus": 0})
     last_epoch = cfg.epochs - 1
     delay = float(os.environ.get(DELAY_LAST_REPORT_ENV, "0") or 0)
     bridge = _report_to_queue_callback(reports, last_epoch, delay)
-    trainer = build_trainer(cfg, storage_path=storage_path, name=name, callbacks=[bridge, *callbacks])
+    train_fn = functools.partial(_train_unless_diverged, run_location=str(location))
+    trainer = build_trainer(cfg, storage_path=storage_path, name=name, callbacks=[bridge, *callbacks], train_fn=train_fn)
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -234,11 +273,13 @@ def run_worker_group(
                 reporter.send(reports.get_nowait())
             except (Empty, queue_module.Empty):
                 break
-        if "error" in outcome:
-            raise outcome["error"]
+        error = outcome.get("error") or outcome["result"].error
+        if error is not None:
+            diverged = _diverged_or(error, location)
+            if diverged is error:
+                raise error
+            raise diverged from None  # the reason says it all; the workers' tracebacks stay in Train's logs
         result = outcome["result"]
-        if result.error is not None:
-            raise result.error
         reporter.complete_from(checkpoint_location(result.checkpoint) if result.checkpoint is not None else None, tune_seen)
     finally:
         reports.shutdown(force=True)

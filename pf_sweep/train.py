@@ -10,6 +10,9 @@ for the epoch is deterministic, so batch i of a rank holds the dataset indices a
 [i * batch_size, (i + 1) * batch_size) of ``ShardedSampler.indices()``; the clean (and perturbed)
 correctness of those examples is written on the device, ranks are merged once per epoch, and the
 record is saved as ``examples.npz`` beside every checkpoint (``pf_sweep.checkpoint``).
+
+A non-finite training loss raises ``TrainingDiverged`` (``pf_sweep.divergence``) naming the epoch
+and the first update whose loss was not finite; see ``_LossWatch`` for how that costs no GPU sync.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch import nn
 from pf_sweep.checkpoint import load_checkpoint, load_examples, save_checkpoint
 from pf_sweep.config import TrialConfig
 from pf_sweep.data import DatasetInfo, ShardedSampler, TransformedSplit, build_loader, build_transform, get_source
+from pf_sweep.divergence import TrainingDiverged, reason
 from pf_sweep.forgetting import FORGETTING_KEYS, ExampleRecorder
 from pf_sweep.losses import build_loss, build_perturbation
 from pf_sweep.models import build_model
@@ -111,6 +115,19 @@ def _all_reduce(t: torch.Tensor, session: Session) -> torch.Tensor:
     if session.world_size > 1 and dist.is_initialized():
         dist.all_reduce(t)
     return t
+
+
+@torch.no_grad()
+def _share_buffers(model: nn.Module, session: Session) -> None:
+    """Every rank takes rank 0's buffers (BatchNorm running statistics) at the end of an epoch.
+
+    SAM's passes run under ``no_sync``, so each rank's statistics drift apart, while the checkpoint
+    holds rank 0's: without this, a run restarted from a checkpoint would evaluate (and train on)
+    different statistics on the other ranks than the uninterrupted run did.
+    """
+    if session.world_size > 1 and dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
 
 
 @torch.no_grad()
@@ -221,6 +238,7 @@ def run(cfg: TrialConfig, session: Session) -> None:
         )
         scheduler.step(epoch + 1)
         epoch_s = time.perf_counter() - t0
+        _share_buffers(bare, session)
         val = evaluate(bare, data.val, session, cfg.amp)
         eval_s = time.perf_counter() - t0 - epoch_s
         metrics: dict[str, float] = {
@@ -294,6 +312,50 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
 
 
+class _LossWatch:
+    """Finds the first non-finite training loss of an epoch without a GPU sync per step.
+
+    On the device it keeps whether every loss so far was finite, how many were, and the first one
+    that was not (a few scalar kernels per micro-batch, never read back on the way). On the CPU the
+    flag is read after every micro-batch, a plain memory read, so the loop stops before applying the
+    update. On a GPU the flag is copied each micro-batch, without blocking, into pinned host memory
+    and that copy is read: it trails the device by the steps queued ahead, so the loop stops within
+    a few updates. ``check`` (called where the loop syncs anyway: the log line, the end of the
+    epoch) reads the flag itself, so a divergence never reaches a report. Either way the reason
+    names the first non-finite update, read from the device only then.
+    """
+
+    def __init__(self, device: torch.device, epoch: int, first_step: int, accum: int) -> None:
+        self.epoch, self.first_step, self.accum = epoch, first_step, accum
+        self.ok = torch.ones((), dtype=torch.bool, device=device)
+        self.finite = torch.zeros((), dtype=torch.int64, device=device)  # micro-batches before the first bad one
+        self.first_bad = torch.zeros((), dtype=torch.float32, device=device)
+        self.eager = device.type == "cpu"
+        self.host = torch.ones((), dtype=torch.bool, pin_memory=True) if device.type == "cuda" else None
+
+    def update(self, loss: torch.Tensor) -> None:
+        """Fold in one micro-batch's loss; raises ``TrainingDiverged`` once the host can see it without waiting."""
+        loss = loss.detach().float()
+        self.first_bad = torch.where(self.ok, loss, self.first_bad)
+        self.ok &= torch.isfinite(loss)
+        self.finite += self.ok
+        if self.eager:
+            self.check()
+        elif self.host is not None:
+            self.host.copy_(self.ok, non_blocking=True)
+            if not self.host.item():  # a pinned CPU tensor: no sync
+                self.fail()
+
+    def check(self) -> None:
+        """Raise if any loss so far was not finite (reads the device flag: call it where the loop syncs anyway)."""
+        if not self.ok.item():
+            self.fail()
+
+    def fail(self) -> None:
+        step = self.first_step + int(self.finite.item()) // self.accum
+        raise TrainingDiverged(reason(self.first_bad.item(), self.epoch, step))
+
+
 def _train_epoch(cfg, session, model, data, optimizer, scheduler, loss_fn, perturb_fn, snp, epoch, step, peak_lr, recorder=None):
     """One pass over this worker's shard; returns epoch-averaged metrics (averaged over workers too)."""
     model.train()
@@ -305,6 +367,7 @@ def _train_epoch(cfg, session, model, data, optimizer, scheduler, loss_fn, pertu
     keys = ["loss", "perturb_loss", "top1", *FORGETTING_KEYS] if cfg.uses_sam else ["loss", "top1"]
     sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
     params = [p for p in model.parameters() if p.requires_grad]
+    watch = _LossWatch(device, epoch, step + 1, accum)
     n_batches = 0
     for i, (x, y) in enumerate(data.train):
         if i >= len(data.train) // accum * accum:
@@ -339,6 +402,7 @@ def _train_epoch(cfg, session, model, data, optimizer, scheduler, loss_fn, pertu
                 if recorder is not None:
                     recorder.record(i * cfg.batch_size, y, correct, None)
                 values = [loss.detach(), correct.float().mean()]
+        watch.update(values[0])
         sums += torch.stack([v.double() for v in values])
         n_batches += 1
         if last_micro:
@@ -350,9 +414,11 @@ def _train_epoch(cfg, session, model, data, optimizer, scheduler, loss_fn, pertu
             scheduler.step_update(num_updates=step)
             if cfg.log_every and session.rank == 0 and step % cfg.log_every == 0:
                 logger.info("epoch %d step %d loss %.4f", epoch, step, values[0].item())
+                watch.check()
     if recorder is not None:
         recorder.end_epoch(_all_reduce_min(session))
     avg = (_all_reduce(sums, session) / (max(n_batches, 1) * session.world_size)).tolist()
+    watch.check()  # the line above synced: free
     out = {}
     for key, value in zip(keys, avg, strict=True):
         name = f"forget/{key}" if key in FORGETTING_KEYS else f"train/{key}"
