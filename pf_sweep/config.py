@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import importlib.util
 import json
 import math
+import re
+import sys
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 METHODS = ("sgd", "sam", "gsam", "asam", "randsam")
@@ -241,6 +246,12 @@ def _validate(c: TrialConfig) -> None:
                 "bce_reduction": BCE_REDUCTIONS,
             }[name],
         )
+    _require(
+        is_known_model(c.model),
+        "model",
+        c.model,
+        f"neither a timm model (see timm.list_models()) nor one of {', '.join(sorted(_own_models()))}{_did_you_mean(c.model)}",
+    )
     for dataset in (c.dataset, *(name for name, _ in c.eval_sets)):
         _require(is_known_dataset(dataset), "dataset", dataset, "allowed: digits, digits_spurious, synthetic, tfds/<name>")
     for name in ("batch_size", "epochs", "grad_accum_steps", "num_workers", "lr_base_size", "checkpoint_every"):
@@ -309,3 +320,58 @@ def _validate(c: TrialConfig) -> None:
     _require(c.warmup_epochs < c.epochs or c.warmup_epochs == 0, "warmup_epochs", c.warmup_epochs, "must be < epochs")
     for pair in c.eval_sets:
         _require(all(pair), "eval_sets", c.eval_sets, "each entry is a non-empty (dataset, split) pair")
+
+
+# ---------------------------------------------------------------------- model names
+# `@register_model` followed (after any other decorators) by the function whose name is the model's.
+_REGISTERED = re.compile(r"^@register_model(?:\(\))?[ \t]*\n(?:@.*\n)*def[ \t]+(\w+)", re.MULTILINE)
+# register_model_deprecations(__name__, {"old_name": "new_name.tag", ...}): old names timm still builds.
+_DEPRECATIONS = re.compile(r"register_model_deprecations\(\s*__name__\s*,\s*\{(.*?)\}\s*\)", re.DOTALL)
+
+
+def _registered_in(files: list[Path]) -> frozenset[str]:
+    names: set[str] = set()
+    for file in files:
+        text = file.read_text(encoding="utf-8", errors="replace")
+        if "register_model" not in text:
+            continue
+        names.update(_REGISTERED.findall(text))
+        for body in _DEPRECATIONS.findall(text):
+            names.update(re.findall(r"[\'\"]([\w.]+)[\'\"]\s*:", body))
+    return frozenset(names)
+
+
+@functools.cache
+def _own_models() -> frozenset[str]:
+    """pf-sweep's models (``pf_sweep/models.py``), read from its source: importing it loads torch and timm."""
+    return _registered_in([Path(__file__).with_name("models.py")])
+
+
+@functools.cache
+def _timm_models() -> frozenset[str]:
+    """timm's model names, read from its sources without importing it (importing timm loads torch: 5 s).
+
+    The same names as ``timm.list_models()`` plus the deprecated ones it still builds (checked by
+    tests/test_bad_input.py against timm's registry). Empty when timm is absent or its layout changed.
+    """
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        return frozenset()
+    return _registered_in(sorted(Path(spec.submodule_search_locations[0], "models").rglob("*.py")))
+
+
+def is_known_model(name: str) -> bool:
+    """Whether timm (or pf-sweep) builds ``name``; a pretrained tag (``resnet50.a1_in1k``) is ignored, as in timm."""
+    arch = name.split(".", 1)[0]
+    if arch in _own_models():
+        return True
+    timm = sys.modules.get("timm")
+    if timm is not None and timm.is_model(arch):  # also models a user registered with timm in this process
+        return True
+    known = _timm_models()
+    return not known or arch in known  # a timm whose sources cannot be read is not second-guessed
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name.split(".", 1)[0], sorted(_own_models() | _timm_models()), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""

@@ -120,6 +120,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"Invalid pretrained_path: {str(path)!r} holds a {type(state).__name__}, not a state dict")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 

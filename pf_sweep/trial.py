@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ import pandas as pd
 
 from pf_sweep.checkpoint import METRICS_FILE
 from pf_sweep.config import TrialConfig
+from pf_sweep.divergence import as_diverged
+from pf_sweep.preflight import auth_token_source, present_auth_token
 from pf_sweep.storage import StoragePath
 
 logger = logging.getLogger(__name__)
@@ -60,16 +63,37 @@ def set_ray_environment() -> None:
     os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
 
 
+def _join_hint(late: bool) -> str:
+    source = auth_token_source()
+    if late:  # Ray reads RAY_AUTH_MODE once, when it is imported
+        return f"this process imported Ray before RAY_AUTH_MODE=token could be set for the token in {source}: export it first"
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        return f"check the address, and that the token in {source} is the cluster's (`ray get-auth-token` on its head)"
+    return (
+        "check the address; if the cluster uses token authentication, put its token (`ray get-auth-token` on its head) "
+        "in ~/.ray/auth_token or a file named by RAY_AUTH_TOKEN_PATH"
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, *, verbose: bool = True, dashboard: bool = True) -> None:
     """Join ``address`` (e.g. "auto" or "host:port"), or start a new local Ray on 127.0.0.1 sized to this machine.
 
     Without an address a new local instance is always started (``address="local"``), even where a
     cluster from ``ray start`` runs or left its address behind: joining it by accident would share
-    its resources, and refuse ``num_cpus``. ``verbose=False`` keeps the workers' output and Ray's
-    own info lines off the console; they stay in Ray's session logs. ``dashboard=False`` skips the
-    dashboard, which only Ray Train worker groups need (their placement-group cleaner uses its State
-    API); a sweep whose trials all run in their Tune actors starts faster without it.
+    its resources, and refuse ``num_cpus``. Joining presents this machine's auth token when it has one
+    (``preflight.present_auth_token``, which must run before Ray is imported: Ray reads its auth mode
+    then); a cluster that cannot be joined is a ``ValueError`` saying what to check.
+    ``verbose=False`` keeps the workers' output and Ray's own info lines off the console; they stay in
+    Ray's session logs. ``dashboard=False`` skips the dashboard, which only Ray Train worker groups
+    need (their placement-group cleaner uses its State API); a sweep whose trials all run in their Tune
+    actors starts faster without it.
     """
+    imported = "ray" in sys.modules
+    late = bool(address) and present_auth_token() and imported
     import ray
 
     if ray.is_initialized():
@@ -78,8 +102,14 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, *, verbo
     # Quiet: Ray's info lines and its notice that token authentication is on (it is, and stays on).
     quiet = {} if verbose else {"logging_level": logging.ERROR}
     if address:
-        ray.init(address=address, log_to_driver=verbose, **quiet)
+        try:
+            ray.init(address=address, log_to_driver=verbose, **quiet)
+        except ConnectionError as err:
+            hint = _join_hint(late)
+            raise ValueError(f"Cannot join the Ray cluster at address={address!r}: {_first_line(err)}; {hint}") from None
         return
+    if os.environ.get("RAY_ADDRESS"):
+        logger.info("Starting a new local Ray (RAY_ADDRESS=%s is joined only with --address auto)", os.environ["RAY_ADDRESS"])
     ray.init(
         address="local",
         num_cpus=num_cpus or os.cpu_count(),
@@ -169,6 +199,9 @@ def run_trial(
     ``config.num_workers`` workers runs on the Ray cluster at ``address``, or on a local Ray that is
     started when none is running. ``callbacks`` are Ray Train ``UserCallback``s (Ray only).
     """
+    from pf_sweep.preflight import check_trial
+
+    check_trial(config, storage_path=storage_path, address=address, local=local)
     if not isinstance(config, TrialConfig):
         raise ValueError(f"run_trial needs a TrialConfig, got {type(config).__name__}")
     name = name or default_name(config)
@@ -190,9 +223,15 @@ def run_trial(
         raise ValueError("storage_path is required on Ray (checkpoints and metrics live there)")
     ensure_ray(address)
     trainer = build_trainer(config, storage_path=str(StoragePath.of(storage_path)), name=name, callbacks=callbacks)
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    try:
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    except Exception as err:  # Ray wraps a worker's TrainingDiverged: raise it as run_trial(local=True) does
+        diverged = as_diverged(err)
+        if diverged is None:
+            raise
+        raise diverged from None
     checkpoint = checkpoint_location(result.checkpoint) if result.checkpoint is not None else None
     return TrialResult(
         metrics=dict(result.metrics or {}),
