@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 
 
@@ -69,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
     """Everything Ray will need, validated now: (space, settings, name)."""
     import search_spaces
+    from pf_sweep import preflight
     from pf_sweep.config import parse_field_value
     from pf_sweep.sweep import SweepSettings, trial_base
 
@@ -102,50 +102,28 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
             verbose=args.verbose,
         )
         settings.validate()
-        per_trial = settings.workers_per_trial * settings.cpus_per_worker
-        if args.address is None:
-            cpus = os.cpu_count() or 1
-            if per_trial > cpus:
-                raise ValueError(f"Impossible resources: one trial needs {per_trial:g} CPUs, this machine has {cpus}")
-            settings.max_concurrent = max(1, min(settings.max_concurrent, int(cpus // per_trial)))
         if args.resume and (args.loggers or args.optuna_storage):
             raise ValueError("--log and --optuna-storage apply at launch; a resumed sweep keeps the ones it started with")
-        base = trial_base(space, settings)
-        # Every grid point (they are few and known), or the first proposals of a searched space.
-        configs = [
-            space.config_for(params, {**base})
-            for params in space.sample(10**6 if space.grid is not None else min(3, settings.num_samples), seed=args.seed)
-        ]
         name = args.name or space.name
-        if not (args.resume or args.dry_run):
-            check_datasets(configs, on_cluster=args.address is not None)
-            if settings.optuna_storage and space.grid is None:
-                from pf_sweep.sweep import open_study_storage
+        if args.resume:  # the sweep keeps its stored config; main() checks that it is a sweep
+            preflight.check_address(args.address)
+        else:  # storage, this machine's CPUs and GPUs, data, pretrained_path, the cluster's address
+            configs = preflight.planned_configs(space, settings, trial_base(space, settings))
+            preflight.check_sweep(space, settings, storage_path=args.storage, address=args.address, configs=configs, warn=_warn)
+        if args.address is None:
+            per_trial = settings.workers_per_trial * settings.cpus_per_worker
+            settings.max_concurrent = max(1, min(settings.max_concurrent, int((os.cpu_count() or 1) // per_trial)))
+        if not (args.resume or args.dry_run) and settings.optuna_storage and space.grid is None:
+            from pf_sweep.sweep import open_study_storage
 
-                open_study_storage(settings.optuna_storage, name, ours=False)
+            open_study_storage(settings.optuna_storage, name, ours=False)
     except (ValueError, FileNotFoundError) as err:
         parser.exit(2, f"run_sweep.py: error: {err}\n")
     return space, settings, name
 
 
-def check_datasets(configs, *, on_cluster: bool) -> None:
-    """TFDS datasets must be prepared before any trial starts (not discovered by every trial in turn).
-
-    On a cluster the data may live only where the workers run: a dataset this machine cannot see is
-    a warning there, an error locally.
-    """
-    from pf_sweep.data import get_source
-
-    needed = {(c.dataset, c.data_dir) for c in configs} | {(d, c.data_dir) for c in configs for d, _ in c.eval_sets}
-    for dataset, data_dir in sorted(needed, key=str):
-        if not dataset.startswith("tfds/"):
-            continue
-        try:
-            get_source(dataset).info(data_dir)
-        except FileNotFoundError as err:
-            if not on_cluster:
-                raise
-            print(f"run_sweep.py: warning: {err} (continuing: the cluster's workers may see it)", file=sys.stderr)
+def _warn(message: str) -> None:
+    print(f"run_sweep.py: warning: {message}", file=sys.stderr)
 
 
 def configure_console(sweep_dir, *, verbose: bool) -> None:
@@ -182,6 +160,18 @@ def configure_console(sweep_dir, *, verbose: bool) -> None:
     tensorboard.addHandler(to_file)
 
 
+def storage_problem(sweep_dir) -> str | None:
+    """Why a file cannot be written into the sweep directory now, or None when one can."""
+    probe = sweep_dir / f".pf-write-probe-{os.getpid()}"
+    try:
+        probe.write_text("")
+        if probe.is_local:
+            os.remove(str(probe))
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -192,21 +182,32 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:24s} {search_spaces.get(name).description}")
         return 0
     space, settings, name = resolve(args, parser)
+    from pf_sweep import preflight
     from pf_sweep.storage import StoragePath
-    from pf_sweep.sweep import SWEEP_FILE, optuna_storage_url, planned_trials, read_sweep, trial_base
+    from pf_sweep.sweep import SWEEP_FILE, optuna_storage_url, planned_trials, trial_base
 
     sweep_dir = StoragePath.of(args.storage) / name
     exists = (sweep_dir / SWEEP_FILE).exists()
     try:
         if args.resume:
-            meta = read_sweep(str(sweep_dir))
+            meta = preflight.read_resumable(sweep_dir)
             metric, mode = meta.get("metric", space.metric), meta.get("mode", space.mode)
+            preflight.check_storage(str(sweep_dir), field="--storage/--name")
+            if args.address is None:  # the resumed trials ask for what they asked for at launch
+                stored = meta["settings"]
+                preflight.check_local_resources(
+                    int(stored.get("workers_per_trial", 1)),
+                    float(stored.get("cpus_per_worker", 1.0)),
+                    float(stored.get("gpus_per_worker", 0.0)),
+                )
         elif exists and not args.dry_run:
             raise ValueError(f"A sweep named {name!r} already exists in {sweep_dir.parent}: add --resume, or pick another --name")
         else:
             metric, mode = space.metric, space.mode
     except ValueError as err:
         parser.exit(2, f"run_sweep.py: error: {err}\n")
+    if args.address:  # now, before Ray is imported: Ray reads its auth mode then
+        preflight.present_auth_token()
     if args.dry_run:
         print(f"space: {space.description}")
         print(f"metric: {space.metric} ({space.mode})")
@@ -221,29 +222,46 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_console(sweep_dir, verbose=args.verbose)
     from pf_sweep import sweep
+    from pf_sweep.scheduling import UnschedulableError
+    from pf_sweep.shutdown import StopGuard
 
     study_url = meta.get("optuna_storage") if args.resume else optuna_storage_url(settings, sweep_dir)
     if study_url and space.grid is None:
-        print(f"Optuna study {name!r} in {study_url} (watch it live: optuna-dashboard {study_url})")
+        shown = sweep.redact_url(study_url)
+        print(f"Optuna study {name!r} in {shown} (watch it live: optuna-dashboard {shown})")
     resume_hint = f"python run_sweep.py --storage {args.storage} --name {name} --resume"
     planned = meta.get("trials", 0) if args.resume else sweep.planned_trials(space, settings)
+    # `ray job stop` and Kubernetes send SIGTERM: stop the way Ctrl-C does (Tune saves its state on
+    # SIGINT), and exit within PF_SWEEP_STOP_GRACE_S seconds whatever hangs (pf_sweep.shutdown).
+    guard = StopGuard(resume_hint)
     try:
         stored = meta.get("settings", {}) if args.resume else settings.__dict__
         sweep.ensure_sweep_ray(args.address, verbose=args.verbose, worker_groups=sweep.uses_worker_groups(stored))
-        # `ray job stop` and Kubernetes send SIGTERM: stop the way Ctrl-C does (Tune saves its state on
-        # SIGINT). Installed after ray.init, whose own SIGTERM handler aborts the driver.
-        signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+        guard.install()  # after ray.init, whose own SIGTERM handler aborts the driver
         if args.resume:
             results = sweep.resume(str(sweep_dir), address=args.address, verbose=args.verbose)
         else:
             results = sweep.launch(space, settings, storage_path=args.storage, name=name, address=args.address)
     except KeyboardInterrupt:
-        print(f"\nInterrupted. Continue with: {resume_hint}")
+        guard.print_resume_hint()
         return 130
-    except ValueError as err:  # e.g. a sweep directory without Tune's state
+    except UnschedulableError as err:
+        print(f"run_sweep.py: error: {err}\nContinue once the cluster has them: {resume_hint}", file=sys.stderr)
+        return 1
+    except ValueError as err:  # e.g. a sweep directory without Tune's state, a trial that can never fit
         parser.exit(2, f"run_sweep.py: error: {err}\n")
-    if results.num_terminated + results.num_errors < planned:  # Tune returns normally after a SIGINT
-        print(f"\nInterrupted after {results.num_terminated} of {planned} trials. Continue with: {resume_hint}")
+    except Exception as err:  # Tune and Optuna fail in their own words when the storage goes away: say so
+        problem = storage_problem(sweep_dir)
+        if problem is None:
+            raise
+        reason = f"{problem}; the sweep stopped on {type(err).__name__}"
+        print(f"run_sweep.py: error: cannot write the sweep directory {sweep_dir} ({reason})", file=sys.stderr)
+        print(f"Nothing finished is lost. Once the storage is back: {resume_hint}", file=sys.stderr)
+        return 1
+    # Tune returns normally after a SIGINT, with the trials it stopped marked TERMINATED.
+    ended = sweep.ended_trials(results)
+    if ended < planned and (guard.stop_requested or results.num_terminated + results.num_errors < planned):
+        guard.print_resume_hint(f"Interrupted after {ended} of {planned} trials.")
         return 130
     try:
         best, frame = sweep.summarize(results, metric, mode)

@@ -14,7 +14,7 @@ after another in one fresh process with ``run_trial(cfg, local=True)``. It print
   ``auto`` whether the actors' RSS grew from their first to their last trial.
 
     .venv/bin/python benchmarks/sweep_executors.py                                 # digits_cpu, 12 trials
-    .venv/bin/python benchmarks/sweep_executors.py --space m_sharpness_study       # the 48-trial grid
+    .venv/bin/python benchmarks/sweep_executors.py --space m_sharpness_study       # the 96-trial grid
     .venv/bin/python benchmarks/sweep_executors.py --executors auto --num-samples 24  # RSS over 24 trials
 """
 

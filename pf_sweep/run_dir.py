@@ -5,7 +5,9 @@ Both ways a sweep runs a trial store checkpoints here under the same names: a Ra
 them). A checkpoint is complete or absent: locally it is written under a hidden temporary name and
 renamed into place, so a crash between its files never leaves a folder ``latest`` would pick. On a
 URI (``s3://``, ``gs://``, ``file://``) the files are uploaded through pyarrow and a folder counts
-only once all three files are there.
+only once all three files are there; ``state.pt`` goes last, under a temporary name moved into place
+once its upload is whole. A hidden temporary folder left by a killed writer is removed by the next
+write.
 """
 
 from __future__ import annotations
@@ -75,12 +77,17 @@ class RunDirectory:
         return local
 
     def write(self, epoch: int, write_fn: Callable[[Path], None]) -> str:
-        """Write checkpoint ``epoch`` with ``write_fn(directory)``; returns where it now lives."""
+        """Write checkpoint ``epoch`` with ``write_fn(directory)``; returns where it now lives.
+
+        Any error (a full disk, storage gone) propagates: the trial fails with it, and the previous
+        checkpoints stay as they were.
+        """
         name = checkpoint_name(epoch)
         target = self.location / name
         if self.location.is_local:
             root = Path(self.location.location)
             root.mkdir(parents=True, exist_ok=True)
+            _remove_leftovers(root)
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
             try:
                 write_fn(tmp)
@@ -91,13 +98,12 @@ class RunDirectory:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             return target.location
-        import pyarrow.fs
 
         with tempfile.TemporaryDirectory(prefix="pf-ckpt-") as tmp:
             write_fn(Path(tmp))
             fs, path = target.filesystem()
             fs.create_dir(path, recursive=True)
-            pyarrow.fs.copy_files(tmp, path, source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs)
+            _upload(Path(tmp), fs, path)
         return target.location
 
     def prune(self, keep: int) -> None:
@@ -115,3 +121,33 @@ class RunDirectory:
         for path in self._downloads:
             shutil.rmtree(path, ignore_errors=True)
         self._downloads.clear()
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Delete the hidden temporary folders of writes that a killed process never finished.
+
+    One process writes a run directory at a time (a retry starts after the failed attempt died),
+    so a temporary folder found here belongs to no live write.
+    """
+    for stale in root.glob(f".{CHECKPOINT_PREFIX}*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _upload(local: Path, fs, path: str) -> None:
+    """Copy a written checkpoint to ``path`` on ``fs``, ``state.pt`` last and under a temporary name.
+
+    A folder counts as a checkpoint once it has all three files, so ``state.pt`` is the one that
+    completes it: it is moved into place only after its upload has finished. An upload that fails
+    half-way (a full disk, a dropped connection) then leaves a folder ``checkpoints`` ignores.
+    """
+    import pyarrow.fs
+
+    local_fs = pyarrow.fs.LocalFileSystem()
+    for file in sorted(local.iterdir(), key=lambda f: f.name == STATE_FILE):
+        if file.name != STATE_FILE:
+            pyarrow.fs.copy_files(str(file), f"{path}/{file.name}", source_filesystem=local_fs, destination_filesystem=fs)
+            continue
+        partial = f"{path}/{STATE_FILE}.partial"
+        pyarrow.fs.copy_files(str(file), partial, source_filesystem=local_fs, destination_filesystem=fs)
+        fs.move(partial, f"{path}/{STATE_FILE}")

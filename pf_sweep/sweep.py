@@ -17,16 +17,18 @@ through pyarrow filesystems, like Ray itself does.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pf_sweep import __version__
+from pf_sweep import __version__, preflight
 from pf_sweep.config import TrialConfig
 from pf_sweep.executors import (
     EXECUTORS,
@@ -139,6 +141,19 @@ def planned_trials(space: Space, settings: SweepSettings) -> int:
     return math.prod(len(values) for values in space.grid.values())
 
 
+def redact_url(url: str | None) -> str | None:
+    """A database URL with its password masked (``***``): what ``sweep.json`` and the console show.
+
+    Tune's saved searcher state still holds the live connection's URL; keep the password out of the
+    URL altogether (``PGPASSWORD``, ``~/.pgpass``, a MySQL option file) where that matters.
+    """
+    if not url or url.startswith("sqlite"):
+        return url
+    import sqlalchemy.engine
+
+    return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+
+
 def optuna_storage_url(settings: SweepSettings, sweep_dir: StoragePath) -> str | None:
     """Where the Optuna study lives: the flag's URL, else ``optuna.db`` beside a local sweep.
 
@@ -245,6 +260,15 @@ def ensure_sweep_ray(address: str | None = None, *, verbose: bool = False, worke
     ensure_ray(address, num_cpus=None if address else (os.cpu_count() or 1) + 1, verbose=verbose, dashboard=worker_groups)
 
 
+def _schedule_watchdog(base: dict[str, Any], in_actor: bool, *, local: bool):
+    """Refuse trials the local Ray can never hold (ValueError); the callback that bounds waiting for resources."""
+    from pf_sweep.scheduling import ScheduleWatchdog, check_trial_fits, schedule_timeout
+
+    schedule_timeout()  # a malformed PF_SWEEP_SCHEDULE_TIMEOUT_S fails now, not at the first poll
+    check_trial_fits(base, in_actor, local=local)
+    return ScheduleWatchdog(base, in_actor)
+
+
 def uses_worker_groups(settings: dict[str, Any]) -> bool:
     """Whether a sweep with these stored settings (``sweep.json``) starts Ray Train worker groups."""
     return not runs_in_actor(settings.get("executor", "workers"), int(settings.get("workers_per_trial", 1)))
@@ -259,7 +283,15 @@ def launch(
     address: str | None = None,
     callbacks: Sequence[Any] = (),
 ):
-    """Run the sweep to completion; returns Tune's ``ResultGrid``. ``callbacks``: extra Tune callbacks."""
+    """Run the sweep to completion; returns Tune's ``ResultGrid``. ``callbacks``: extra Tune callbacks.
+
+    Raises ``ValueError`` when a trial can never fit on the local Ray (``address=None``), and
+    ``pf_sweep.scheduling.UnschedulableError`` when trials waited ``PF_SWEEP_SCHEDULE_TIMEOUT_S``
+    seconds for resources with none training (a resumable sweep is left behind).
+    """
+    from pf_sweep.preflight import check_sweep
+
+    check_sweep(space, settings, storage_path=storage_path, address=address)  # before any Ray work: ValueError
     from ray import tune
 
     settings.validate()
@@ -270,15 +302,17 @@ def launch(
     total = planned_trials(space, settings)
     meta = {
         "space": space.name,
+        "space_module": _suggest_module(space),
         "metric": space.metric,
         "mode": space.mode,
-        "settings": settings.__dict__,
+        "settings": {**settings.__dict__, "optuna_storage": redact_url(settings.optuna_storage)},
         "base": base,
-        "optuna_storage": storage_url,
+        "optuna_storage": redact_url(storage_url),
         "trials": total,
     }
     in_actor = runs_in_actor(settings.executor, settings.workers_per_trial)
     ensure_sweep_ray(address, verbose=settings.verbose, worker_groups=not in_actor)
+    watchdog = _schedule_watchdog(base, in_actor, local=address is None)
     if space.grid is not None:
         search = {"num_samples": 1}
         param_space = {k: tune.grid_search(v) for k, v in space.grid.items()}
@@ -299,7 +333,7 @@ def launch(
             reuse_actors=in_actor,
             **search,
         ),
-        run_config=_run_config(settings, space, sweep_dir, name, total, callbacks),
+        run_config=_run_config(settings, space, sweep_dir, name, total, [*callbacks, watchdog]),
     )
     # Written once Tune has saved its own state (tuner.pkl, at construction): a sweep.json always
     # marks a sweep that `resume` can continue, and a launch that failed earlier can simply be rerun.
@@ -329,6 +363,31 @@ def read_sweep(sweep_path: str) -> dict[str, Any]:
     return json.loads(meta_file.read_text())
 
 
+def _suggest_module(space: Space) -> dict[str, str] | None:
+    """Where an Optuna space's ``suggest`` lives: {"name": module, "file": path}, for ``resume``."""
+    module = sys.modules.get(getattr(getattr(space, "suggest", None), "__module__", None) or "")
+    path = getattr(module, "__file__", None)
+    return {"name": module.__name__, "file": os.path.abspath(path)} if module is not None and path else None
+
+
+def _import_suggest_module(source: dict[str, str] | None, sweep_dir: StoragePath) -> None:
+    """Make the launch's ``suggest`` module importable again: Tune's saved searcher (pickled by
+    reference) names it, and a user's space file (``--space my_space.py``) is on no import path."""
+    if not source or source["name"] in sys.modules:
+        return
+    try:
+        importlib.import_module(source["name"])
+        return
+    except ImportError:
+        pass
+    if not os.path.isfile(source["file"]):
+        raise ValueError(f"Cannot resume {sweep_dir}: its space file {source['file']} is gone (put it back there)")
+    spec = importlib.util.spec_from_file_location(source["name"], source["file"])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[source["name"]] = module
+    spec.loader.exec_module(module)
+
+
 def resume(sweep_path: str, *, address: str | None = None, verbose: bool = False):
     """Continue an interrupted sweep: finished trials kept, unfinished ones resumed from checkpoints.
 
@@ -338,12 +397,15 @@ def resume(sweep_path: str, *, address: str | None = None, verbose: bool = False
     from ray import tune
 
     sweep_dir = StoragePath.of(sweep_path)
-    meta = read_sweep(sweep_path)
+    meta = preflight.read_resumable(sweep_dir)
+    _import_suggest_module(meta.get("space_module"), sweep_dir)
     if not tune.Tuner.can_restore(str(sweep_dir)):
         raise ValueError(f"No restorable sweep at {sweep_dir} (Tune saved no experiment state there)")
     settings = meta.get("settings", {})
     in_actor = not uses_worker_groups(settings)
     ensure_sweep_ray(address, verbose=verbose, worker_groups=not in_actor)
+    # Sweeps launched with a ScheduleWatchdog get it back from Tune's saved run config.
+    _schedule_watchdog(meta["base"], in_actor, local=address is None)
     tuner = tune.Tuner.restore(
         str(sweep_dir),
         _trainable(meta["base"], sweep_dir, in_actor),
@@ -351,6 +413,15 @@ def resume(sweep_path: str, *, address: str | None = None, verbose: bool = False
         resume_errored=True,
     )
     return tuner.fit()
+
+
+def ended_trials(results) -> int:
+    """Trials that finished (Tune saw their last result, ``done``) or failed.
+
+    Not the count of TERMINATED ones: after an interrupt Tune also marks TERMINATED the trials it
+    stopped, running or still pending, which ``--resume`` runs again.
+    """
+    return sum(1 for result in results if result.error is not None or (result.metrics or {}).get("done"))
 
 
 def summarize(results, metric: str, mode: str) -> tuple[dict[str, Any], Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import subprocess
 import sys
@@ -52,3 +53,28 @@ def test_two_space_files_with_the_same_name_do_not_shadow_each_other(tmp_path):
     assert (first.name, second.name) == ("mine", "other")
     assert first.suggest.__module__ != second.suggest.__module__
     assert pickle.loads(pickle.dumps(first.suggest)) is first.suggest
+
+
+def test_a_resumed_sweep_imports_the_space_file_its_pickled_searcher_names(tmp_path):
+    from pf_sweep.sweep import _suggest_module
+
+    path = tmp_path / "my_space.py"
+    path.write_text(USER_SPACE)
+    space = search_spaces.get(str(path))
+    source = _suggest_module(space)  # what launch() stores in sweep.json
+    assert source == {"name": space.suggest.__module__, "file": str(path.resolve())}
+    assert _suggest_module(search_spaces.get("digits_cpu"))["name"] == "search_spaces.digits_cpu"
+    (tmp_path / "state.pkl").write_bytes(pickle.dumps(space.suggest))
+    code = (  # a resuming driver that was given no --space: only sweep.json's record
+        "import json, pickle, sys\n"
+        "from pf_sweep.storage import StoragePath\n"
+        "from pf_sweep.sweep import _import_suggest_module\n"
+        f"_import_suggest_module(json.loads(sys.argv[1]), StoragePath.of({str(tmp_path)!r}))\n"
+        f"print(pickle.loads(open({str(tmp_path / 'state.pkl')!r}, 'rb').read()).__name__)\n"
+    )
+    run = [sys.executable, "-c", code, json.dumps(source)]
+    proc = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "suggest", proc.stderr
+    path.unlink()
+    proc = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode != 0 and "its space file" in proc.stderr and "is gone" in proc.stderr

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import fake_ray_path
 
 import search_spaces
 from pf_sweep import TrialConfig
@@ -41,10 +42,7 @@ def test_unknown_space_names_the_shipped_ones():
 @pytest.fixture
 def no_ray_path(tmp_path):
     """A PYTHONPATH entry whose ``ray`` package fails on import: proof that Ray was never started."""
-    fake = tmp_path / "fake-ray" / "ray"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("raise ImportError('ray must not be imported on bad input')\n")
-    return str(fake.parent)
+    return fake_ray_path(tmp_path)
 
 
 def _cli(args, *, storage, pythonpath=None, timeout=60):
@@ -264,9 +262,9 @@ def test_log_flag_adds_the_tracker_callback_and_progress_counts_finished_trials(
 
 
 @pytest.mark.ray
-@EXECUTORS
+@pytest.mark.parametrize("executor", ["workers"])  # the in-actor executor: tests/test_unschedulable.py
 def test_sigterm_stops_the_sweep_cleanly_and_prints_the_resume_command(tmp_path, executor):
-    # What `ray job stop` or Kubernetes sends: the CLI turns it into Tune's graceful Ctrl-C stop.
+    # What `ray job stop` sends to the driver alone: the CLI turns it into Tune's graceful Ctrl-C stop.
     storage = tmp_path / "store"
     args = ["--name", "t", "--num-samples", "3", "--max-concurrent", "1", "--set", "epochs=4", "--executor", executor]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -279,3 +277,12 @@ def test_sigterm_stops_the_sweep_cleanly_and_prints_the_resume_command(tmp_path,
     out, _ = driver.communicate(timeout=240)
     assert driver.returncode == 130, out[-3000:]
     assert f"--storage {storage} --name t --resume" in out
+
+
+def test_a_database_password_is_masked_in_what_the_sweep_stores_and_prints():
+    from pf_sweep.sweep import redact_url
+
+    assert redact_url("postgresql://bob:s3cret@db:5432/optuna") == "postgresql://bob:***@db:5432/optuna"
+    assert "s3cret" not in redact_url("mysql+pymysql://bob:s3cret@db/optuna?charset=utf8")
+    assert redact_url("sqlite:////tmp/x/optuna.db") == "sqlite:////tmp/x/optuna.db"
+    assert redact_url(None) is None
