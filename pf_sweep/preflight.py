@@ -408,6 +408,46 @@ def present_auth_token() -> bool:
     return False
 
 
+def _driver_token() -> str | None:
+    """The token Ray would present for this driver: only under ``RAY_AUTH_MODE=token``."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return None
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    source = auth_token_source()
+    return Path(source).expanduser().read_text().strip() if source else None
+
+
+def cluster_refuses_token(address: str | None) -> bool:
+    """Whether the GCS at ``address`` (HOST:PORT) answers UNAUTHENTICATED to the token this driver
+    would present (or to none), asked once with ``ADDRESS_TIMEOUT_S``.
+
+    ``ray.init`` retries such a refusal for 20 s before it fails; this question takes milliseconds. It
+    calls the GCS's cheapest method (GetClusterId, an empty request) with the bearer token the way
+    Ray's own clients send it. Any other outcome (an answer, another error, a TLS cluster, ``auto``
+    without ``RAY_ADDRESS``, a ``ray://`` client address) is False: ``ray.init`` then decides.
+    """
+    if address in (None, "local") or str(address).startswith("ray://"):
+        return False
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS")
+        if not address or address in ("auto", "local") or address.startswith("ray://"):
+            return False
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return False
+    import grpc  # Ray's own dependency; the driver imports it with Ray right after this
+
+    token = _driver_token()
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    with grpc.insecure_channel(address.split("://", 1)[-1].rstrip("/")) as channel:
+        call = channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId")
+        try:
+            call(b"", timeout=ADDRESS_TIMEOUT_S, metadata=metadata)
+        except grpc.RpcError as err:
+            return err.code() == grpc.StatusCode.UNAUTHENTICATED
+    return False
+
+
 # ---------------------------------------------------------------------- resume
 def read_resumable(sweep_dir: Any) -> dict[str, Any]:
     """``sweep.json`` of a sweep ``--resume`` can continue (a ``StoragePath``); ValueError otherwise."""

@@ -24,7 +24,7 @@ import pandas as pd
 from pf_sweep.checkpoint import METRICS_FILE
 from pf_sweep.config import TrialConfig
 from pf_sweep.divergence import as_diverged
-from pf_sweep.preflight import auth_token_source, present_auth_token
+from pf_sweep.preflight import auth_token_source, cluster_refuses_token, present_auth_token
 from pf_sweep.storage import StoragePath
 
 logger = logging.getLogger(__name__)
@@ -102,6 +102,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, *, verbo
     # Quiet: Ray's info lines and its notice that token authentication is on (it is, and stays on).
     quiet = {} if verbose else {"logging_level": logging.ERROR}
     if address:
+        if cluster_refuses_token(address):  # at once, not after Ray's 20 s of retries
+            hint = _join_hint(late)
+            raise ValueError(f"Cannot join the Ray cluster at address={address!r}: it refuses this driver's token; {hint}")
         try:
             ray.init(address=address, log_to_driver=verbose, **quiet)
         except ConnectionError as err:

@@ -493,6 +493,18 @@ def test_joining_a_token_cluster_presents_the_token_without_ray_auth_mode(tmp_pa
         assert proc.returncode == 0, proc.stderr[-2000:]
         cpus, seconds = proc.stdout.split()
         assert float(cpus) >= 1 and float(seconds) < 15
+        # A driver with the wrong token, or with none, is refused in one line at once (Ray retried for 20 s).
+        refuse = "import sys, time; from pf_sweep.trial import ensure_ray; ensure_ray(sys.argv[1], verbose=False)"
+        (tmp_path / "wrong").write_text("f" * 64)
+        for extra in ({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "wrong")}, {"HOME": str(tmp_path)}):
+            started = time.monotonic()
+            proc = subprocess.run(
+                [sys.executable, "-c", refuse, f"127.0.0.1:{ports[0]}"],
+                capture_output=True, text=True, timeout=120, cwd=ROOT, env={**env, **extra},
+            )  # fmt: skip
+            took = time.monotonic() - started
+            assert proc.returncode != 0 and "refuses this driver's token" in proc.stderr, proc.stderr[-2000:]
+            assert took < 5, f"{took:.1f} s"  # the process start and imports included
     finally:  # the head's processes share its process group; `ray stop` would stop every Ray on the machine
         os.killpg(head.pid, signal.SIGTERM)
         try:
