@@ -385,8 +385,13 @@ def test_single_label_evaluation_is_unchanged_cross_entropy_top1_top5():
 
 def test_unprepared_dataset_raises_one_error_naming_the_prepare_command(tmp_path):
     cfg = TrialConfig(dataset="tfds/cifar10", data_dir=str(tmp_path))
-    with pytest.raises(DatasetNotPreparedError, match=rf"python -m pf_sweep.data prepare cifar10 --data-dir {tmp_path}$"):
+    # run_trial refuses it before training, as bad input (ValueError); the reader itself raises
+    # DatasetNotPreparedError (a FileNotFoundError) with the same command.
+    command = rf"python -m pf_sweep.data prepare cifar10 --data-dir {tmp_path}$"
+    with pytest.raises(ValueError, match=command):
         run_trial(cfg, local=True, storage_path=None)
+    with pytest.raises(DatasetNotPreparedError, match=command):
+        get_source("tfds/cifar10").info(str(tmp_path))
 
 
 def test_unknown_dataset_error_names_prepare_with_a_builder_module(tmp_path):
