@@ -424,10 +424,30 @@ def ended_trials(results) -> int:
     return sum(1 for result in results if result.error is not None or (result.metrics or {}).get("done"))
 
 
+def _with_unlogged_trials(frame, results):
+    """Add the trials whose ``result.json`` lacks rows Tune has in its own state.
+
+    ``get_dataframe`` reads each trial's ``result.json``; a write the storage refused (a full or
+    unmounted volume) can leave that file empty while Tune's saved experiment state kept the trial's
+    last result, so the trial would be missing from ``summary.csv`` although it finished.
+    """
+    import pandas as pd
+
+    listed = set(frame["trial_id"]) if "trial_id" in frame else set()
+    missing = []
+    for result in results:
+        metrics = dict(result.metrics or {})
+        if not metrics or metrics.get("trial_id") in listed:
+            continue
+        config = metrics.pop("config", None) or result.config or {}
+        missing.append({**metrics, **{f"config/{k}": v for k, v in config.items()}, "logdir": result.path})
+    return pd.concat([frame, pd.DataFrame(missing)], ignore_index=True) if missing else frame
+
+
 def summarize(results, metric: str, mode: str) -> tuple[dict[str, Any], Any]:
     """(best trial's config / metrics / checkpoint, per-trial DataFrame)."""
     best = results.get_best_result(metric=metric, mode=mode)
-    frame = results.get_dataframe()
+    frame = _with_unlogged_trials(results.get_dataframe(), results)
     return {
         "config": best.config,
         "metrics": {k: v for k, v in (best.metrics or {}).items() if isinstance(v, int | float)},

@@ -286,3 +286,31 @@ def test_a_database_password_is_masked_in_what_the_sweep_stores_and_prints():
     assert "s3cret" not in redact_url("mysql+pymysql://bob:s3cret@db/optuna?charset=utf8")
     assert redact_url("sqlite:////tmp/x/optuna.db") == "sqlite:////tmp/x/optuna.db"
     assert redact_url(None) is None
+
+
+def test_summary_keeps_a_trial_whose_result_file_lost_its_rows():
+    # A refused write can leave a trial's result.json empty while Tune's own state kept its last result.
+    from types import SimpleNamespace
+
+    from pf_sweep.sweep import summarize
+
+    logged = {"trial_id": "a", "epoch": 1.0, "val/top1": 90.0, "config/lr": 0.1, "logdir": "a"}
+
+    def result(trial_id, top1, lr):
+        metrics = {"trial_id": trial_id, "epoch": 1.0, "val/top1": top1, "config": {"lr": lr}}
+        return SimpleNamespace(metrics=metrics, config={"lr": lr}, path=f"/s/{trial_id}")
+
+    results = [result("a", 90.0, 0.1), result("b", 95.0, 0.2)]
+
+    class Grid(list):
+        def get_dataframe(self):
+            return pd.DataFrame([logged])  # what result.json gave: trial b's file is empty
+
+        def get_best_result(self, metric, mode):
+            return max(self, key=lambda r: r.metrics[metric])
+
+    best, frame = summarize(Grid(results), "val/top1", "max")
+    assert sorted(frame["trial_id"]) == ["a", "b"]
+    row = frame.set_index("trial_id").loc["b"]
+    assert row["val/top1"] == 95.0 and row["config/lr"] == 0.2 and row["epoch"] == 1.0
+    assert best["config"] == {"lr": 0.2}
