@@ -4,6 +4,7 @@ sweep, where Optuna records it as failed, the other trials go on and no retry tr
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -38,15 +39,38 @@ def _count_updates(monkeypatch) -> list[int]:
     return applied
 
 
+def _record_losses(monkeypatch) -> list[float]:
+    """Patch the loop's loss factory so that every training loss it computes is recorded."""
+    seen: list[float] = []
+    build = train_module.build_loss
+
+    def recording(*args, **kwargs):
+        loss_fn = build(*args, **kwargs)
+
+        def recorded(logits, targets):
+            loss = loss_fn(logits, targets)
+            seen.append(float(loss.detach()))
+            return loss
+
+        return recorded
+
+    monkeypatch.setattr(train_module, "build_loss", recording)
+    return seen
+
+
 @pytest.mark.parametrize("method", ["sgd", "sam"])
 def test_a_huge_lr_raises_training_diverged_before_applying_the_first_nan_update(monkeypatch, method):
     applied = _count_updates(monkeypatch)
+    losses = _record_losses(monkeypatch)
     cfg = TrialConfig(**BASE, epochs=3, lr=1e6, method=method)
     with pytest.raises(TrainingDiverged, match=r"^diverged: train/loss is nan at epoch 0 step \d+$") as caught:
         run_trial(cfg, local=True, storage_path=None)
     assert isinstance(caught.value, RuntimeError) and pf_sweep.TrainingDiverged is TrainingDiverged
-    # 8 updates an epoch: it stopped inside the first, and the update whose loss was NaN never applied.
-    assert 1 <= caught.value.step < 8
+    # The step named is the first whose training loss (SAM: the clean one, first of its two) was NaN,
+    # counted independently of the loop's own check; the update with that loss never applied.
+    clean = losses[:: 1 if method == "sgd" else 2]
+    first_nan = next(i for i, value in enumerate(clean) if not math.isfinite(value)) + 1
+    assert caught.value.step == first_nan
     assert len(applied) == caught.value.step - 1
 
 

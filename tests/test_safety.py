@@ -73,12 +73,15 @@ def test_every_torch_load_in_the_code_passes_weights_only_true():
     assert [where for where, safe in loads if not safe] == []
 
 
-def test_the_planted_payload_really_runs_code_when_loaded_unsafely(tmp_path):
-    # The control: without weights_only the payload runs, so the refusals below mean something.
-    import torch
+def test_the_planted_payload_really_runs_code_when_unpickled(tmp_path):
+    # The control: plain unpickling of the planted state.pt's pickle runs the payload, so the
+    # refusals below mean something (torch.load without weights_only unpickles the same bytes).
+    import zipfile
 
     marker = tmp_path / "ran"
-    torch.load(_plant(tmp_path / "ckpt", marker) / "state.pt", weights_only=False)
+    with zipfile.ZipFile(_plant(tmp_path / "ckpt", marker) / "state.pt") as archive:
+        (data,) = [name for name in archive.namelist() if name.endswith("/data.pkl")]
+        pickle.loads(archive.read(data))
     assert marker.exists()
 
 
