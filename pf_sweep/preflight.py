@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import os
 import pickletools
@@ -339,18 +338,24 @@ def check_pretrained(path: str | None, *, on_cluster: bool, warn: Warn = logger.
 
 
 # ---------------------------------------------------------------------- cluster address
+def _named_address(address: str | None) -> str | None:
+    """The address a driver will join, ``auto`` read through ``RAY_ADDRESS``; None where Ray starts a
+    cluster (None, ``local``) or finds one itself (``auto`` without ``RAY_ADDRESS``)."""
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS") or None
+    return None if address in (None, "auto", "local") else address
+
+
 def check_address(address: str | None, *, field: str = "--address") -> None:
     """Something must answer at a cluster address (a TCP connect, ``ADDRESS_TIMEOUT_S``) before Ray tries for 20 s.
 
     ``auto`` is checked through ``RAY_ADDRESS`` when that is set; otherwise Ray finds the cluster.
     """
-    if address is None or address == "local":
-        return
     if address == "auto":
-        address = os.environ.get("RAY_ADDRESS") or None
         field = "RAY_ADDRESS (used by --address auto)"
-        if address is None or address in ("auto", "local"):
-            return
+    address = _named_address(address)
+    if address is None:
+        return
     target = address.split("://", 1)[-1].rstrip("/")
     host, sep, port = target.rpartition(":")
     if not sep or not host or not port.isdigit():
@@ -427,12 +432,9 @@ def cluster_refuses_token(address: str | None) -> bool:
     Ray's own clients send it. Any other outcome (an answer, another error, a TLS cluster, ``auto``
     without ``RAY_ADDRESS``, a ``ray://`` client address) is False: ``ray.init`` then decides.
     """
-    if address in (None, "local") or str(address).startswith("ray://"):
+    address = _named_address(address)
+    if address is None or address.startswith("ray://"):
         return False
-    if address == "auto":
-        address = os.environ.get("RAY_ADDRESS")
-        if not address or address in ("auto", "local") or address.startswith("ray://"):
-            return False
     if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
         return False
     import grpc  # Ray's own dependency; the driver imports it with Ray right after this
@@ -451,18 +453,9 @@ def cluster_refuses_token(address: str | None) -> bool:
 # ---------------------------------------------------------------------- resume
 def read_resumable(sweep_dir: Any) -> dict[str, Any]:
     """``sweep.json`` of a sweep ``--resume`` can continue (a ``StoragePath``); ValueError otherwise."""
-    from pf_sweep.sweep import SWEEP_FILE
+    from pf_sweep.sweep import read_sweep
 
-    meta_file = sweep_dir / SWEEP_FILE
-    hint = "check --storage and --name"
-    if not meta_file.exists():
-        raise ValueError(f"No sweep at {sweep_dir} (it has no {SWEEP_FILE}); {hint}")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"Not a sweep: {meta_file} cannot be read as JSON ({err}); {hint}") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("base"), dict) or not isinstance(meta.get("settings"), dict):
-        raise ValueError(f"Not a sweep: {meta_file} lacks pf-sweep's 'base' and 'settings'; {hint}")
+    meta = read_sweep(sweep_dir)
     if not (sweep_dir / TUNER_STATE).exists():
         raise ValueError(
             f"No restorable sweep at {sweep_dir} (Tune saved no {TUNER_STATE} there); launch it again without --resume"

@@ -354,13 +354,21 @@ def _run_config(settings: SweepSettings, space: Space, sweep_dir: StoragePath, n
     )
 
 
-def read_sweep(sweep_path: str) -> dict[str, Any]:
-    """The stored ``sweep.json`` of a sweep directory (or URI)."""
+def read_sweep(sweep_path: str | StoragePath) -> dict[str, Any]:
+    """The stored ``sweep.json`` of a sweep directory (or URI); ValueError when it is missing or is
+    not pf-sweep's (no ``base`` and ``settings``), naming the file."""
     sweep_dir = StoragePath.of(sweep_path)
     meta_file = sweep_dir / SWEEP_FILE
+    hint = "check --storage and --name"
     if not meta_file.exists():
-        raise ValueError(f"No sweep at {sweep_dir} (it has no {SWEEP_FILE}); check --storage and --name")
-    return json.loads(meta_file.read_text())
+        raise ValueError(f"No sweep at {sweep_dir} (it has no {SWEEP_FILE}); {hint}")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"Not a sweep: {meta_file} cannot be read as JSON ({err}); {hint}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("base"), dict) or not isinstance(meta.get("settings"), dict):
+        raise ValueError(f"Not a sweep: {meta_file} lacks pf-sweep's 'base' and 'settings'; {hint}")
+    return meta
 
 
 def _suggest_module(space: Space) -> dict[str, str] | None:

@@ -318,6 +318,36 @@ def test_a_checkpoint_holding_a_whole_model_or_no_state_dict_is_refused(tmp_path
     preflight.check_pretrained(str(tmp_path / "run" / "checkpoint_000001"), on_cluster=False)  # a checkpoint directory
 
 
+def test_a_sweep_json_that_is_not_pf_sweeps_is_refused_by_the_one_reader_of_sweeps(tmp_path):
+    from pf_sweep.storage import StoragePath
+
+    (tmp_path / "sweep.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"Not a sweep: .*sweep\.json cannot be read as JSON"):
+        sweep.read_sweep(str(tmp_path))
+    (tmp_path / "sweep.json").write_text('{"base": {}}')
+    with pytest.raises(ValueError, match=r"lacks pf-sweep's 'base' and 'settings'"):
+        preflight.read_resumable(StoragePath.of(tmp_path))
+    (tmp_path / "sweep.json").write_text('{"base": {}, "settings": {}, "space": "default"}')
+    assert sweep.read_sweep(str(tmp_path))["space"] == "default"
+    with pytest.raises(ValueError, match=r"Tune saved no tuner\.pkl there"):
+        preflight.read_resumable(StoragePath.of(tmp_path))
+    with pytest.raises(ValueError, match=r"No sweep at .*missing \(it has no sweep\.json\)"):
+        sweep.read_sweep(str(tmp_path / "missing"))
+
+
+def test_auto_is_read_through_ray_address_by_both_cluster_checks(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    preflight.check_address("auto")  # Ray finds the cluster itself: nothing to check
+    assert not preflight.cluster_refuses_token("auto")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setenv("RAY_ADDRESS", closed)
+    with pytest.raises(ValueError, match=r"Invalid RAY_ADDRESS \(used by --address auto\): .*nothing answers"):
+        preflight.check_address("auto")
+    assert not preflight.cluster_refuses_token("auto")  # nothing answers: no refusal, ray.init decides
+
+
 def test_a_missing_checkpoint_or_dataset_on_a_cluster_is_a_warning(files):
     warnings: list[str] = []
     preflight.check_pretrained(str(files["root"] / "on-the-nodes.pt"), on_cluster=True, warn=warnings.append)
