@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 from torch import nn
 
+from analysis._lanczos import largest_eigenvalues
 from analysis._params import (
     Batch,
     FlatModel,
@@ -51,7 +51,8 @@ logger = logging.getLogger(__name__)
 HVP_METHODS = ("auto", "forward_over_reverse", "double_backward")
 EIG_METHODS = ("lanczos", "power")
 TRACE_METHODS = ("hutch++", "hutchinson")
-_FLOAT32_TOL = 1e-5  # below this Lanczos tolerance ARPACK runs in float64 even for a float32 model
+_FLOAT32_TOL = 1e-5  # below this Lanczos tolerance the basis is float64 even for a float32 model
+DEFAULT_NCV = 20  # Lanczos basis vectors kept at once (memory: ncv + 1 parameter-sized vectors)
 
 
 class _HessianOperator:
@@ -115,15 +116,6 @@ class _HessianOperator:
             out.add_(_grad_of(g, w, v, retain_graph=True), alpha=len(x) / self.total)
         return out
 
-    def linear_operator(self, dtype: type[np.floating]) -> LinearOperator:
-        """The numpy face ARPACK needs, in ``dtype``."""
-        torch_dtype = torch.float64 if dtype == np.float64 else torch.float32
-
-        def matvec(x: np.ndarray) -> np.ndarray:
-            return self(torch.as_tensor(np.asarray(x).reshape(-1))).detach().to("cpu", torch_dtype).numpy()
-
-        return LinearOperator((self.fm.n, self.fm.n), matvec=matvec, dtype=dtype)
-
     def info(self, **extra: Any) -> dict[str, Any]:
         return {"n_hvp": self.n_hvp, "hvp_method": self.method, "n_params": self.fm.n, **extra}
 
@@ -175,14 +167,16 @@ def top_eigenvalues(
 ) -> list[float] | tuple[list[float], dict[str, Any]]:
     """The ``k`` largest eigenvalues of the Hessian, as descending floats.
 
-    ``method="lanczos"`` (default): ARPACK's implicitly restarted Lanczos (``scipy.sparse.linalg.eigsh``)
-    on a ``LinearOperator`` of HVPs, ``which="LA"``: the largest *algebraic* eigenvalues, so a large
-    negative eigenvalue is never returned as "top" (PyHessian's power iteration returns the largest in
-    magnitude). ``tol`` is ARPACK's relative accuracy: a Ritz value theta is accepted when its residual
-    ``||H x - theta x|| <= tol |theta|``, which bounds its error by ``tol |theta|`` (and in practice by about
-    ``(tol theta)^2 / gap``). ARPACK runs in float32 for a float32 model when ``tol >= 1e-5``, else in float64. ``ncv`` is the
-    Lanczos basis size, ``max(2k + 1, 10)`` by default (ARPACK tests convergence only once the basis is
-    full, so scipy's 20 would spend at least 20 HVPs), ``maxiter`` the restart limit.
+    ``method="lanczos"`` (default): thick-restart Lanczos with full re-orthogonalisation on HVPs, for
+    the largest *algebraic* eigenvalues, so a large negative eigenvalue is never returned as "top"
+    (PyHessian's power iteration returns the largest in magnitude). A Ritz value theta is accepted when
+    its residual ``||H x - theta x|| <= tol |theta|``, which bounds its error by ``tol |theta|`` (and in
+    practice by about ``(tol theta)^2 / gap``). The test runs after every HVP, so the iteration stops at
+    the first product that meets it (ARPACK, scipy's ``eigsh``, tests only once its basis is full). The
+    basis is float32 for a float32 model when ``tol >= 1e-5``, else float64. ``ncv`` is the most basis
+    vectors kept at once, ``max(2k + 1, 20)`` by default: memory for ``ncv + 1`` parameter-sized
+    vectors; when it fills, the best Ritz vectors are kept and the basis grows again, ``maxiter`` times
+    at most (default ``10 n``).
 
     ``method="power"``: power iteration with deflation (each iterate orthogonalised against the
     eigenvectors already found), stopped when the Rayleigh quotient changes by less than ``tol``
@@ -217,19 +211,17 @@ def _lanczos_top(
     n = op.fm.n
     if k >= n:
         raise ValueError(f"k: {k} must be smaller than the number of trainable parameters ({n}) for Lanczos")
-    ncv = min(n, max(2 * k + 1, 10)) if ncv is None else ncv
-    # ARPACK's re-orthogonalisation streams ncv parameter-sized vectors per HVP: single precision halves
-    # that traffic, and suffices unless the model is float64 or tol asks for more than float32 resolves.
-    dtype = np.float64 if op.fm.dtype == torch.float64 or tol < _FLOAT32_TOL else np.float32
-    v0 = torch.randn(n, generator=gen, dtype=torch.float64).numpy().astype(dtype)
-    try:
-        values = eigsh(
-            op.linear_operator(dtype), k=k, which="LA", tol=tol, maxiter=maxiter, ncv=ncv, v0=v0, return_eigenvectors=False
-        )
-    except ArpackNoConvergence as err:  # keep what converged rather than losing every HVP spent
-        logger.warning("Lanczos: %d of %d eigenvalues converged after maxiter=%s", len(err.eigenvalues), k, maxiter)
-        return err.eigenvalues.real, False
-    return values, True
+    ncv = min(n, max(2 * k + 1, DEFAULT_NCV)) if ncv is None else ncv
+    if maxiter is not None:
+        check_positive_int("maxiter", maxiter)
+    # The basis is re-orthogonalised against every product: single precision halves that traffic and
+    # suffices unless the model is float64 or tol asks for more than float32 resolves.
+    dtype = torch.float64 if op.fm.dtype == torch.float64 or tol < _FLOAT32_TOL else torch.float32
+    v0 = torch.randn(n, generator=gen, dtype=torch.float64).to(device=op.fm.device, dtype=dtype)
+    result = largest_eigenvalues(op, v0, k, tol=tol, ncv=ncv, max_restarts=10 * n if maxiter is None else maxiter)
+    if not result.converged:  # keep what converged rather than losing every HVP spent
+        logger.warning("Lanczos: %d of %d eigenvalues converged after maxiter=%s restarts", len(result.values), k, maxiter)
+    return result.values, result.converged
 
 
 def _power_top(op: _HessianOperator, k: int, tol: float, maxiter: int, gen: torch.Generator) -> tuple[list[float], bool]:
