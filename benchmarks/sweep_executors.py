@@ -14,7 +14,7 @@ after another in one fresh process with ``run_trial(cfg, local=True)``. It print
   ``auto`` whether the actors' RSS grew from their first to their last trial.
 
     .venv/bin/python benchmarks/sweep_executors.py                                 # digits_cpu, 12 trials
-    .venv/bin/python benchmarks/sweep_executors.py --space m_sharpness_study       # the 96-trial grid
+    .venv/bin/python benchmarks/sweep_executors.py --space m_sharpness_study --executors auto --no-replay  # 96 trials
     .venv/bin/python benchmarks/sweep_executors.py --executors auto --num-samples 24  # RSS over 24 trials
 """
 
@@ -133,6 +133,7 @@ def main() -> None:
     p.add_argument("--executors", default="auto,workers", help="comma-separated, in the order to run")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
     p.add_argument("--storage", help="keep the sweeps here (default: a temporary directory)")
+    p.add_argument("--no-replay", action="store_true", help="skip the in-process replay (the goals need only the sweeps)")
     args = p.parse_args()
     storage = Path(args.storage or tempfile.mkdtemp(prefix="pf-exec-bench-"))
     extra = ["--num-samples", str(args.num_samples), "--max-concurrent", str(args.max_concurrent)]
@@ -144,7 +145,7 @@ def main() -> None:
         print(f"ran {executor}: {rows[executor]['wall']:.1f} s", file=sys.stderr)
     first = next(iter(rows.values()))
     n, c = len(first["configs"]), args.max_concurrent
-    seq = replay(first["configs"])
+    seq = None if args.no_replay else replay(first["configs"])
     print(f"\n{args.space}: {n} trials, {c} at a time, on {os.cpu_count()} CPUs\n")
     header = f"{'run':<22}{'wall s':>9}{'loop s':>9}{'effic.':>8}{'fixed s/trial':>15}"
     header += f"{'driver MB':>11}{'actor MB':>10}{'actor +MB':>10}"
@@ -157,15 +158,18 @@ def main() -> None:
             f"{'--executor ' + executor:<22}{r['wall']:>9.1f}{r['loop']:>9.1f}{eff:>8.2f}{fixed:>15.2f}"
             f"{r['driver_peak_mb']:>11.0f}{r['actor_peak_mb']:>10.0f}{r['actor_growth_mb']:>10.1f}"
         )
-    print(
-        f"{'in-process, 1 at a time':<22}{seq['process_wall']:>9.1f}{seq['loop']:>9.1f}{seq['loop'] / seq['process_wall']:>8.2f}"
-    )
+    if seq is not None:
+        print(
+            f"{'in-process, 1 at a time':<22}{seq['process_wall']:>9.1f}{seq['loop']:>9.1f}"
+            f"{seq['loop'] / seq['process_wall']:>8.2f}"
+        )
     print()
     if "auto" in rows and "workers" in rows:
         print(f"wall workers / auto: {rows['workers']['wall'] / rows['auto']['wall']:.2f}x")
     for executor, r in rows.items():
         print(f"wall {executor} / (loop / {c}): {r['wall'] / (r['loop'] / c):.2f}x")
-    print(f"in-process loop / sweep loop (auto first): {seq['loop'] / first['loop']:.2f}x (contention from running 2 at once)")
+    if seq is not None:
+        print(f"in-process loop / sweep loop (first): {seq['loop'] / first['loop']:.2f}x (contention from running 2 at once)")
     print(f"sweeps kept in {storage}" if args.storage else "")
 
 

@@ -22,24 +22,27 @@ from pf_sweep.run_dir import RunDirectory
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 2
-GRID_SPACE = f"""
+GRID_SPACE = """
 from search_spaces.base import SearchSpace
 
 SPACE = SearchSpace(
     name="grid_test",
-    description="two SAM points on a digits slice",
+    description="SAM points on a digits slice",
     base={{"dataset": "digits", "train_split": "train[:384]", "epochs": {EPOCHS}, "batch_size": 64,
           "train_eval_size": 128, "lr": 0.05, "method": "sam"}},
-    grid={{"rho": [0.02, 0.1], "perturbation": ["max", "obf"]}},
+    grid={grid},
     max_concurrent=1,
 )
 """
 COMPARED = ["train/loss", "val/loss", "val/top1", "forget/flip_rate", "gen_gap"]
 
 
-def _sweep(tmp_path: Path, name: str, *args: str, env: dict | None = None, timeout: int = 400):
+FULL_GRID = {"rho": [0.02, 0.1], "perturbation": ["max", "obf"]}
+
+
+def _sweep(tmp_path: Path, name: str, *args: str, grid: dict = FULL_GRID, env: dict | None = None, timeout: int = 400):
     space = tmp_path / "grid_space.py"
-    space.write_text(GRID_SPACE)
+    space.write_text(GRID_SPACE.format(grid=grid, EPOCHS=EPOCHS))
     cmd = [sys.executable, str(ROOT / "run_sweep.py"), "--storage", str(tmp_path / "store"), "--name", name]
     cmd += ["--space", str(space), *args]
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
@@ -112,11 +115,14 @@ def in_process_metrics():
 @pytest.mark.slow
 @pytest.mark.parametrize("executor", ["auto", "workers"])
 def test_both_executors_equal_in_process_runs_with_the_same_layout(tmp_path, executor, in_process_metrics):
-    proc = _sweep(tmp_path, "eq", "--executor", executor)
+    # Worker-group trials start a Train run each (seconds apiece on 2 cores): half the grid for them.
+    grid = FULL_GRID if executor == "auto" else {"rho": [0.1], "perturbation": ["max", "obf"]}
+    proc = _sweep(tmp_path, "eq", "--executor", executor, grid=grid)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     sweep_dir = tmp_path / "store" / "eq"
     reported = _reported(sweep_dir)
-    assert len(reported) == 4
+    n_trials = len(grid["rho"]) * len(grid["perturbation"])
+    assert len(reported) == n_trials
     for trial_id, rows in reported.items():
         assert [r["epoch"] for r in rows] == list(range(EPOCHS)), f"trial {trial_id} reported {[r['epoch'] for r in rows]}"
         expected = in_process_metrics[_params(rows)]
@@ -131,7 +137,7 @@ def test_both_executors_equal_in_process_runs_with_the_same_layout(tmp_path, exe
         assert len({rows[0]["pid"] for rows in reported.values()}) == 1
     # The console carries pf-sweep's lines, not Ray's housekeeping.
     console = proc.stdout + proc.stderr
-    assert "4/4 done" in console
+    assert f"{n_trials}/{n_trials} done" in console
     for noise in ("worker processes have been started", "Setting up process group", "Configuration for experiment"):
         assert noise not in console
 
@@ -142,10 +148,11 @@ def test_a_last_report_delivered_after_fit_returned_is_reported_once(tmp_path):
     # epoch's report an hour late, long after the Train run ended (in practice never). Each trial must
     # still end, quickly, with every epoch reported once: the last one from the stored history.
     env = {"PF_SWEEP_TEST_DELAY_LAST_REPORT_S": "3600"}
-    proc = _sweep(tmp_path, "late", "--executor", "workers", "--set", "rho=0.05", env=env)
+    grid = {"rho": [0.05], "perturbation": ["max"]}  # one trial: each has its own bridge
+    proc = _sweep(tmp_path, "late", "--executor", "workers", grid=grid, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     reported = _reported(tmp_path / "store" / "late")
-    assert len(reported) == 4
+    assert len(reported) == 1
     for rows in reported.values():
         assert [r["epoch"] for r in rows] == list(range(EPOCHS))
         assert rows[-1]["checkpoint_path"].endswith(f"checkpoint_{EPOCHS - 1:06d}")
@@ -162,10 +169,7 @@ def test_a_killed_trial_actor_is_retried_from_its_checkpoint_with_equal_metrics(
     # SIGKILL the in-actor trial's process once it has checkpointed epoch 0; Tune's retry
     # (--max-failures 1) must resume at epoch 1 in a new actor and end with the uninterrupted metrics.
     space = tmp_path / "grid_space.py"
-    space.write_text(
-        GRID_SPACE.replace('"rho": [0.02, 0.1], "perturbation": ["max", "obf"]', '"rho": [0.1], "perturbation": ["obf"]')
-    )
-    space.write_text(space.read_text().replace(f'"epochs": {EPOCHS}', '"epochs": 3'))
+    space.write_text(GRID_SPACE.format(grid={"rho": [0.1], "perturbation": ["obf"]}, EPOCHS=3))
     cmd = [sys.executable, str(ROOT / "run_sweep.py"), "--storage", str(tmp_path / "store"), "--name", "kill"]
     cmd += ["--space", str(space), "--max-failures", "1"]
     driver = subprocess.Popen(
@@ -204,9 +208,7 @@ def test_asha_stops_in_actor_trials_early_and_the_sweep_goes_on(tmp_path):
     # ASHA ends a trial by stopping its thread inside the reused actor; the next trial must still
     # run, and every trial must end with at most `epochs` reports.
     space = tmp_path / "grid_space.py"
-    space.write_text(
-        GRID_SPACE.replace(f'"epochs": {EPOCHS}', '"epochs": 4').replace('"rho": [0.02, 0.1]', '"rho": [0.02, 0.1, 0.5]')
-    )
+    space.write_text(GRID_SPACE.format(grid={**FULL_GRID, "rho": [0.02, 0.1, 0.5]}, EPOCHS=4))
     cmd = [sys.executable, str(ROOT / "run_sweep.py"), "--storage", str(tmp_path / "store"), "--name", "asha"]
     cmd += ["--space", str(space), "--scheduler", "asha", "--max-concurrent", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env={**os.environ, "PYTHONPATH": str(ROOT)})
