@@ -8,16 +8,18 @@ of the last epoch). If no trial finishes for ``--stall-s`` seconds the sweep cou
 script dumps the trial actors' stacks with ``py-spy`` (shipped with ``ray[default]``), stops the
 sweep and exits 1.
 
-It prints the wall time, trials per minute, the median and longest gap between two finished trials
-(a hang-in-waiting shows as a long tail), and the driver's and trial actors' peak RSS.
+It prints the wall time, trials per minute, when the first trial finished, the median and longest
+gap between two finished trials (a hang-in-waiting shows as a long tail), and the driver's and trial actors' peak RSS.
 
     .venv/bin/python benchmarks/sweep_soak.py                    # 200 trials, about 10 minutes on 2 cores
     .venv/bin/python benchmarks/sweep_soak.py --num-samples 50   # a quicker look
+    .venv/bin/python benchmarks/sweep_soak.py --executor workers # Train worker groups: the reporting bridge
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import signal
 import statistics
@@ -97,12 +99,14 @@ def main() -> None:
             time.sleep(0.5)
         wall = time.perf_counter() - start
     times = sorted(seen.values())
-    gaps = [b - a for a, b in zip([start, *times[:-1]], times, strict=True)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     summary_file = storage / "soak" / "summary.csv"
     summarized = len(pd.read_csv(summary_file)) if summary_file.exists() else 0
     print(f"\n{args.num_samples} trials ({args.executor}, {args.max_concurrent} at a time) on {os.cpu_count()} CPUs")
     print(f"exit code {driver.returncode}, {len(seen)} trials finished, {summarized} in summary.csv")
     print(f"wall {wall:.1f} s, {60 * len(seen) / wall:.1f} trials/min")
+    if times:
+        print(f"first trial finished after {times[0] - start:.1f} s (Python, imports, Ray's start, one trial)")
     if gaps:
         print(f"gap between finished trials: median {statistics.median(gaps):.2f} s, longest {max(gaps):.2f} s")
     print(f"peak RSS: driver {driver_peak / 2**20:.0f} MB, trial actor {actor_peak / 2**20:.0f} MB")
