@@ -18,7 +18,8 @@ HVPs (``hvp_method``):
 
 ``cache_graph=True`` (double backward only) keeps every batch's gradient graph alive across the HVPs
 of one call, so each later HVP is a single backward pass instead of forward + backward + backward.
-That trades memory (one autograd graph per batch) for time: about half the cost per HVP on CPU.
+That trades memory (one autograd graph per batch) for time: about two thirds of the cost per HVP
+on CPU (resnet18, 1,024 images: 5.5 s against 7.3 s for double backward, 8.1 s forward-over-reverse).
 """
 
 from __future__ import annotations
