@@ -16,7 +16,6 @@ is lost to a restart.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -67,7 +66,7 @@ def largest_eigenvalues(matvec: MatVec, v0: torch.Tensor, k: int, *, tol: float,
         bounds = beta * np.abs(vectors[j, top])
         done = bounds <= tol * np.abs(thetas[top])
         exhausted = beta <= tiny * max(float(np.abs(proj[: j + 1, : j + 1]).max()), 1e-300)
-        if (j + 1 >= k and done.all()) or (exhausted and j + 1 >= k) or j + 1 == n:
+        if (j + 1 >= k and (done.all() or exhausted)) or j + 1 == n:
             return LanczosResult(thetas[top][::-1].copy(), True, n_matvec, n_restart)
         if exhausted:  # an invariant subspace smaller than k: continue in a fresh direction
             w = _orthogonal_direction(basis[: j + 1], n_matvec)
@@ -88,8 +87,9 @@ def largest_eigenvalues(matvec: MatVec, v0: torch.Tensor, k: int, *, tol: float,
 
 
 def _orthogonal_direction(basis: torch.Tensor, seed: int) -> torch.Tensor:
+    """A seeded random vector orthogonal to ``basis`` (unnormalised: the caller divides by its norm)."""
     gen = torch.Generator(device=basis.device).manual_seed(seed)
     w = torch.randn(basis.shape[1], generator=gen, dtype=basis.dtype, device=basis.device)
     for _ in range(2):
         w = w - basis.T @ (basis @ w)
-    return w * (1.0 / max(float(torch.linalg.vector_norm(w)), math.ulp(1.0)))
+    return w

@@ -31,28 +31,22 @@ from pathlib import Path
 
 import pandas as pd
 import psutil
+from sweep_executors import RssSampler  # benchmarks/ is the script's directory, first on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = {"epochs": "1", "model": "pf_cnn_tiny", "train_split": "train[:256]", "train_eval_size": "64"}
 
 
 def finished_runs(runs: Path) -> set[str]:
-    return {p.parents[1].name for p in runs.glob("train-*/checkpoint_000000/metrics.json")}
+    last = f"checkpoint_{int(SETS['epochs']) - 1:06d}"
+    return {p.parents[1].name for p in runs.glob(f"train-*/{last}/metrics.json")}
 
 
-def actor_pids(root: psutil.Process) -> list[psutil.Process]:
-    out = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if any("ray::ImplicitFunc" in part for part in proc.info["cmdline"] or []):
-            out.append(proc)
-    return [root, *out]
-
-
-def dump_stacks(procs: list[psutil.Process]) -> None:
+def dump_stacks(pids: list[int]) -> None:
     py_spy = Path(sys.executable).with_name("py-spy")
-    for proc in procs[1:]:
-        print(f"\n--- py-spy dump --pid {proc.pid}", flush=True)
-        subprocess.run([str(py_spy), "dump", "--pid", str(proc.pid)], timeout=60, check=False)
+    for pid in pids:
+        print(f"\n--- py-spy dump --pid {pid}", flush=True)
+        subprocess.run([str(py_spy), "dump", "--pid", str(pid)], timeout=60, check=False)
 
 
 def main() -> None:
@@ -75,29 +69,27 @@ def main() -> None:
     with log.open("w") as out:
         start = time.perf_counter()
         driver = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        root = psutil.Process(driver.pid)
+        sampler = RssSampler(driver.pid)
+        sampler.start()
         runs = storage / "soak" / "runs"
         seen: dict[str, float] = {}
-        last_change, driver_peak, actor_peak, hung = start, 0, 0, False
+        last_change, hung = start, False
         while driver.poll() is None:
             now = time.perf_counter()
             for run in finished_runs(runs) - seen.keys():
                 seen[run] = now
                 last_change = now
-            try:
-                driver_peak = max(driver_peak, root.memory_info().rss)
-                actor_peak = max([actor_peak, *(p.memory_info().rss for p in actor_pids(root)[1:])])
-            except psutil.Error:
-                pass
             if now - last_change > args.stall_s:
                 hung = True
                 print(f"HUNG: no trial finished for {args.stall_s:.0f} s after {len(seen)} trials", flush=True)
-                dump_stacks(actor_pids(root))
+                dump_stacks([pid for pid in sampler.actor_series if psutil.pid_exists(pid)])
                 driver.send_signal(signal.SIGTERM)
                 driver.wait(timeout=120)
                 break
             time.sleep(0.5)
         wall = time.perf_counter() - start
+        sampler.stop.set()
+    actor_peak = max((max(series) for series in sampler.actor_series.values()), default=0)
     times = sorted(seen.values())
     gaps = [b - a for a, b in itertools.pairwise(times)]
     summary_file = storage / "soak" / "summary.csv"
@@ -109,7 +101,7 @@ def main() -> None:
         print(f"first trial finished after {times[0] - start:.1f} s (Python, imports, Ray's start, one trial)")
     if gaps:
         print(f"gap between finished trials: median {statistics.median(gaps):.2f} s, longest {max(gaps):.2f} s")
-    print(f"peak RSS: driver {driver_peak / 2**20:.0f} MB, trial actor {actor_peak / 2**20:.0f} MB")
+    print(f"peak RSS: driver {sampler.driver_peak / 2**20:.0f} MB, trial actor {actor_peak / 2**20:.0f} MB")
     print(f"log: {log}")
     ok = not hung and driver.returncode == 0 and len(seen) == summarized == args.num_samples
     print("soak: " + ("no hang, every trial finished" if ok else "FAILED"))
