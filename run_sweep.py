@@ -21,6 +21,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--space", default="digits_cpu", help="a shipped space name or a .py file defining SPACE")
+    p.add_argument("--runs", help="a paper_* preset's named runs to run, comma-separated (default: all of them)")
     p.add_argument("--num-samples", type=int, help="trials to run (default: the space's budget)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: the space's, capped by CPUs)")
     p.add_argument("--scheduler", choices=["fifo", "asha"], default="fifo")
@@ -74,6 +75,10 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
 
     try:
         space = search_spaces.get(args.space)
+        if args.runs is not None:
+            if args.resume:
+                raise ValueError("--runs applies at launch; a resumed sweep keeps the runs it started with")
+            space = space.with_runs([r.strip() for r in args.runs.split(",") if r.strip()])
         overrides = {}
         for item in args.overrides:
             if "=" not in item:
@@ -113,7 +118,7 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
         if args.address is None:
             per_trial = settings.workers_per_trial * settings.cpus_per_worker
             settings.max_concurrent = max(1, min(settings.max_concurrent, int((os.cpu_count() or 1) // per_trial)))
-        if not (args.resume or args.dry_run) and settings.optuna_storage and space.grid is None:
+        if not (args.resume or args.dry_run) and settings.optuna_storage and space.suggest is not None:
             from pf_sweep.sweep import open_study_storage
 
             open_study_storage(settings.optuna_storage, name, ours=False)
@@ -214,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"settings: {json.dumps(settings.__dict__)}")
         print(f"base config: {json.dumps(trial_base(space, settings), sort_keys=True)}")
         total = planned_trials(space, settings)
-        print(f"trials: {total} ({'grid' if space.grid is not None else 'Optuna TPE'}), first ones:")
+        kind = "Optuna TPE" if space.suggest is not None else "named runs" if space.points is not None else "grid"
+        print(f"trials: {total} ({kind}), first ones:")
         for i, params in enumerate(space.sample(min(3, total), seed=args.seed)):
             print(f"trial {i}: {json.dumps(params, sort_keys=True)}")
         print(f"results would go to: {sweep_dir}")
@@ -226,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     from pf_sweep.shutdown import StopGuard
 
     study_url = meta.get("optuna_storage") if args.resume else optuna_storage_url(settings, sweep_dir)
-    if study_url and space.grid is None:
+    if study_url and space.suggest is not None:
         shown = sweep.redact_url(study_url)
         print(f"Optuna study {name!r} in {shown} (watch it live: optuna-dashboard {shown})")
     resume_hint = f"python run_sweep.py --storage {args.storage} --name {name} --resume"

@@ -49,6 +49,7 @@ class TrialConfig:
     ratio: tuple[float, float] | None = None
     hflip: float | None = None
     interpolation: str = "bilinear"
+    eval_interpolation: str | None = None  # None: the training interpolation ("random" evaluates bilinear)
     crop_pct: float | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
@@ -56,6 +57,8 @@ class TrialConfig:
     loader_workers: int = 0
     # ---- model
     model: str = "pf_cnn_small"
+    # Passed to timm.create_model: {"class_token": false, "global_pool": "avg"} for the paper's ViTs.
+    model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     drop: float = 0.0
     head_init_bias: float | None = None
     pretrained_path: str | None = None
@@ -65,6 +68,7 @@ class TrialConfig:
     lr_base: float = 0.1
     lr_base_size: int = 256
     momentum: float = 0.9
+    nesterov: bool | None = None  # None: timm's default for opt (Nesterov for sgd and sgdw, not for momentum)
     weight_decay: float = 5e-4
     clip_grad: float | None = None
     epochs: int = 10
@@ -105,6 +109,8 @@ class TrialConfig:
     # Toneva et al. example forgetting: per training example and epoch, was the clean (and the perturbed)
     # pass correct; saved as examples.npz beside each checkpoint, read by analysis.forgetting.load_record.
     record_examples: bool = False
+    # The named run of a preset this trial is (``rn50`` ``sam_max``), None for searched trials.
+    run_name: str | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -231,6 +237,19 @@ def _one_of(c: TrialConfig, name: str, choices: tuple[str, ...]) -> None:
 def _validate(c: TrialConfig) -> None:
     from pf_sweep.data.registry import is_known_dataset  # light import: no torch models, no TF
 
+    _require(
+        c.eval_interpolation in (None, *INTERPOLATIONS[:-1]),
+        "eval_interpolation",
+        c.eval_interpolation,
+        f"allowed: {', '.join(INTERPOLATIONS[:-1])}, or None for the training one",
+    )
+    _validate_model_kwargs(c.model_kwargs)
+    _require(
+        c.nesterov is None or c.opt in ("sgd", "sgdw", "momentum"),
+        "nesterov",
+        c.nesterov,
+        "only for opt sgd, sgdw or momentum",
+    )
     for name in ("method", "perturbation", "loss", "opt", "sched", "rho_policy", "interpolation", "bce_reduction"):
         _one_of(
             c,
@@ -320,6 +339,20 @@ def _validate(c: TrialConfig) -> None:
     _require(c.warmup_epochs < c.epochs or c.warmup_epochs == 0, "warmup_epochs", c.warmup_epochs, "must be < epochs")
     for pair in c.eval_sets:
         _require(all(pair), "eval_sets", c.eval_sets, "each entry is a non-empty (dataset, split) pair")
+
+
+# TrialConfig fields that build_model passes to timm itself: setting them in model_kwargs would be ambiguous.
+_MODEL_ARGS_OF_FIELDS = {"num_classes": "num_classes", "in_chans": "the dataset", "img_size": "img_size", "drop_rate": "drop"}
+
+
+def _validate_model_kwargs(kwargs: dict[str, Any]) -> None:
+    _require(all(isinstance(k, str) for k in kwargs), "model_kwargs", kwargs, "keys must be strings")
+    for key, field in _MODEL_ARGS_OF_FIELDS.items():
+        _require(key not in kwargs, "model_kwargs", kwargs, f"{key!r} is set by {field}, not model_kwargs")
+    try:
+        json.dumps(kwargs)
+    except (TypeError, ValueError):
+        _require(False, "model_kwargs", kwargs, "values must be JSON (numbers, strings, booleans, lists, dicts)")
 
 
 # ---------------------------------------------------------------------- model names

@@ -89,9 +89,9 @@ def pf_mlp(pretrained: bool = False, **kwargs) -> MLP:
 
 
 def build_model(cfg: TrialConfig, info: DatasetInfo) -> nn.Module:
-    """The model for ``cfg``: timm by name, head bias init, and ``pretrained_path`` weights."""
+    """The model for ``cfg``: timm by name with ``model_kwargs``, head bias init, and ``pretrained_path`` weights."""
     num_classes = cfg.num_classes or info.num_classes
-    kwargs = {"num_classes": num_classes, "in_chans": info.in_chans, "drop_rate": cfg.drop}
+    kwargs = {**cfg.model_kwargs, "num_classes": num_classes, "in_chans": info.in_chans, "drop_rate": cfg.drop}
     img_size = cfg.img_size or info.image_size
     try:  # ViTs and the MLP need the input size; CNNs reject the argument
         model = timm.create_model(cfg.model, pretrained=False, img_size=img_size, **kwargs)

@@ -483,12 +483,16 @@ def check_trial(config: Any, *, storage_path: str | None, address: str | None, l
 
 
 def planned_configs(space: Any, settings: Any, base: dict[str, Any]) -> list[Any]:
-    """Configs that stand for a sweep: every grid point (they are few and known), else the base and the first proposals."""
+    """Configs that stand for a sweep: every named run or grid point (few and known), else the base and the first proposals."""
     from pf_sweep.config import TrialConfig
 
+    if getattr(space, "points", None) is not None:
+        from pf_sweep.sweep import run_params
+
+        return [TrialConfig.from_dict({**base, **run_params(space, run, settings)}) for run in space.points]
     configs = [TrialConfig.from_dict(base)]
     if hasattr(space, "sample") and hasattr(space, "config_for"):
-        count = 10**6 if space.grid is not None else min(3, settings.num_samples)
+        count = 10**6 if space.suggest is None else min(3, settings.num_samples)
         configs += [space.config_for(params, {**base}) for params in space.sample(count, seed=settings.seed)]
     return configs
 

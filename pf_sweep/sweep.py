@@ -130,12 +130,47 @@ def trial_base(space: Space, settings: SweepSettings) -> dict[str, Any]:
     )
     if settings.gpus_per_worker > 0:
         base["gpus_per_worker"] = settings.gpus_per_worker
-    TrialConfig.from_dict(base)  # fail here, before any Ray work, if the fixed part is invalid
+    global_batch = getattr(space, "global_batch", None)
+    overridden = {"batch_size", "grad_accum_steps"} & set(settings.overrides or {})
+    if global_batch and not overridden:  # an explicit --set batch_size / grad_accum_steps wins
+        from search_spaces.base import resolve_global_batch
+
+        most = space.base.get("batch_size", TrialConfig.batch_size)
+        base["batch_size"], base["grad_accum_steps"] = resolve_global_batch(global_batch, settings.workers_per_trial, most)
+    if getattr(space, "points", None) is None:
+        TrialConfig.from_dict(base)  # fail here, before any Ray work, if the fixed part is invalid
+    else:  # a preset's runs complete its base: each run is checked, with --set on top
+        for run in space.points:
+            TrialConfig.from_dict({**base, **run_params(space, run, settings)})
     return base
 
 
+def run_params(space: Space, run: str, settings: SweepSettings) -> dict[str, Any]:
+    """A preset run's Tune parameters: its fields and name, then --set overrides (the user's word wins)."""
+    return {**space.point(run), **(settings.overrides or {})}
+
+
+def named_run_points(space: Space, settings: SweepSettings, base: dict[str, Any]) -> tuple[list[dict], dict[str, Any]]:
+    """A preset's runs as Tune points to evaluate, and the parameter space they must lie in.
+
+    Tune takes a point's keys from its parameter space, and samples any key a point lacks: so every
+    point carries every key some run sets (a run that does not set it gets the base's value), and
+    each key's domain is the choice of the values the runs give it.
+    """
+    from ray import tune
+
+    runs = [run_params(space, run, settings) for run in space.points]
+    keys = list(dict.fromkeys(k for params in runs for k in params))
+    defaults = json.loads(json.dumps({**TrialConfig().to_dict(), **base}))  # base may need a run to be valid
+    points = [{k: params.get(k, defaults.get(k)) for k in keys} for params in runs]
+    choices = {k: list({json.dumps(p[k], sort_keys=True): p[k] for p in points}.values()) for k in keys}
+    return points, {k: tune.choice(values) for k, values in choices.items()}
+
+
 def planned_trials(space: Space, settings: SweepSettings) -> int:
-    """How many trials the sweep runs: every grid point, or the sample budget."""
+    """How many trials the sweep runs: every named run or grid point, or the sample budget."""
+    if getattr(space, "points", None) is not None:
+        return len(space.points)
     if space.grid is None:
         return settings.num_samples
     return math.prod(len(values) for values in space.grid.values())
@@ -313,7 +348,12 @@ def launch(
     in_actor = runs_in_actor(settings.executor, settings.workers_per_trial)
     ensure_sweep_ray(address, verbose=settings.verbose, worker_groups=not in_actor)
     watchdog = _schedule_watchdog(base, in_actor, local=address is None)
-    if space.grid is not None:
+    if getattr(space, "points", None) is not None:  # named runs, each once, in the preset's order
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        points, param_space = named_run_points(space, settings, base)
+        search = {"num_samples": len(points), "search_alg": BasicVariantGenerator(points_to_evaluate=points)}
+    elif space.grid is not None:
         search = {"num_samples": 1}
         param_space = {k: tune.grid_search(v) for k, v in space.grid.items()}
     else:

@@ -24,7 +24,7 @@ __all__ = ["SearchSpace", "get", "names"]
 def names() -> list[str]:
     """The shipped spaces (module names of this package that define ``SPACE``)."""
     here = Path(__file__).parent
-    return sorted(m.name for m in pkgutil.iter_modules([str(here)]) if m.name != "base")
+    return sorted(m.name for m in pkgutil.iter_modules([str(here)]) if m.name != "base" and not m.name.startswith("_"))
 
 
 def get(name: str) -> SearchSpace:

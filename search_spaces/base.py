@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,11 @@ class SearchSpace:
     """A sweep's space. ``suggest`` is Optuna define-by-run: the searched TrialConfig fields are
     ``trial.suggest_*`` calls (conditional ones inside ``if``), and its returned dict adds constants.
     A space with ``grid`` instead enumerates every combination through Tune's grid search.
+
+    A preset gives ``points`` instead: named runs ({run name: TrialConfig fields}), each run once,
+    with ``run_name`` set to its name. ``global_batch``, when set, fixes the examples per update:
+    the per-worker ``batch_size`` of ``base`` is the largest a worker takes, and the sweep resolves
+    workers x batch x accumulation for its worker count (``resolve_global_batch``).
 
     ``suggest`` must be a module-level function: the searcher's state is pickled when a sweep is
     saved, and a restored sweep imports it again.
@@ -36,10 +42,14 @@ class SearchSpace:
     workers_per_trial: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    points: dict[str, dict[str, Any]] | None = None
+    global_batch: int | None = None
 
     def __post_init__(self) -> None:
-        if (self.suggest is None) == (self.grid is None):
-            raise ValueError(f"Space {self.name!r} needs exactly one of suggest or grid")
+        if sum(x is not None for x in (self.suggest, self.grid, self.points)) != 1:
+            raise ValueError(f"Space {self.name!r} needs exactly one of suggest, grid or points")
+        for run, fields in (self.points or {}).items():
+            TrialConfig.from_dict({**self.base, **fields, "run_name": run})
         if self.mode not in ("max", "min"):
             raise ValueError(f"Invalid mode for space {self.name!r}: {self.mode!r} (allowed: max, min)")
         TrialConfig.from_dict(self.base)  # the fixed part alone must already be a valid trial
@@ -50,6 +60,8 @@ class SearchSpace:
 
     def sample(self, n: int, seed: int = 0) -> list[dict[str, Any]]:
         """The first ``n`` parameter sets a fresh sampler would propose (for --dry-run and tests)."""
+        if self.points is not None:
+            return [self.point(run) for run in list(self.points)[:n]]
         if self.grid is not None:
             import itertools
 
@@ -69,3 +81,33 @@ class SearchSpace:
             out.append({**trial.params, **constants})
             study.tell(trial, 0.0)
         return out
+
+    def point(self, run: str) -> dict[str, Any]:
+        """The searched-parameter dict of the named run ``run`` (its fields and its name)."""
+        return {**self.points[run], "run_name": run}
+
+    def with_runs(self, runs: list[str]) -> SearchSpace:
+        """This preset restricted to ``runs`` (in the preset's order); an unknown name is a ValueError."""
+        if self.points is None:
+            raise ValueError(f"Invalid --runs: space {self.name!r} has no named runs (only the paper_* presets do)")
+        unknown = [r for r in runs if r not in self.points]
+        if unknown or not runs:
+            raise ValueError(f"Invalid --runs {','.join(runs)!r} for {self.name}: known runs are {', '.join(self.points)}")
+        return dataclasses.replace(self, points={r: f for r, f in self.points.items() if r in runs})
+
+
+def resolve_global_batch(global_batch: int, workers: int, max_per_worker: int) -> tuple[int, int]:
+    """(per-worker batch, accumulation steps) with workers x batch x steps == global_batch.
+
+    The per-worker batch is the largest divisor of global_batch / workers that is at most
+    ``max_per_worker``, so the fewest accumulation steps are needed (the release's 4096 as 1 x 256 x 16,
+    8 x 256 x 2, 32 x 128 x 1).
+    """
+    if workers < 1 or global_batch % workers:
+        raise ValueError(
+            f"Invalid worker count: a global batch of {global_batch} does not split over {workers} workers; "
+            f"use a worker count that divides {global_batch}"
+        )
+    share = global_batch // workers
+    batch = next(b for b in range(min(share, max_per_worker), 0, -1) if share % b == 0)
+    return batch, share // batch

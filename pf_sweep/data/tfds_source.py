@@ -204,8 +204,13 @@ def _quiet_absl() -> Iterator[None]:
         absl_logger.setLevel(level)
 
 
-@functools.cache
 def _builder(name: str, data_dir: str | None) -> Any:
+    return _cached_builder(name, data_dir, _served_by_mock_data())
+
+
+@functools.cache
+def _cached_builder(name: str, data_dir: str | None, mocked: bool) -> Any:
+    """``mocked`` is part of the key: a builder made under ``tfds.testing.mock_data`` never serves real reads."""
     with _quiet_absl():  # TFDS warns about the very folders our errors explain
         return _checked_builder(name, data_dir)
 
@@ -223,6 +228,8 @@ def _checked_builder(name: str, data_dir: str | None) -> Any:
             f"tfds/{name} is not prepared in {where}, and TFDS has no builder of that name. Prepare it with: "
             f"{command('prepare', name, data_dir)} --module <module defining its builder>"
         ) from None
+    if _served_by_mock_data():
+        return builder  # tfds.testing.mock_data generates every record: nothing is on disk to check
     if not builder.is_prepared():
         raise DatasetNotPreparedError(
             f"tfds/{name} is not prepared in {where} (nothing at {builder.data_dir}). "
@@ -239,8 +246,20 @@ def _checked_builder(name: str, data_dir: str | None) -> Any:
     return builder
 
 
-@functools.cache
+def _served_by_mock_data() -> bool:
+    """Whether ``tfds.testing.mock_data`` is active: it replaces ``as_data_source`` with its own, which
+    serves random records of the dataset's features whether or not (its default policy) metadata exists.
+    Users test their pipelines that way, so pf-sweep's reader must accept it."""
+    served_by = getattr(tfds.core.DatasetBuilder.as_data_source, "__module__", "")
+    return served_by == "tensorflow_datasets.testing.mocking"
+
+
 def _open(name: str, split: str, data_dir: str | None) -> Sequence:
+    return _cached_open(name, split, data_dir, _served_by_mock_data())
+
+
+@functools.cache
+def _cached_open(name: str, split: str, data_dir: str | None, mocked: bool) -> Sequence:
     builder = _builder(name, data_dir)
     try:
         return builder.as_data_source(split=split, file_format=ARRAY_RECORD)
@@ -249,4 +268,4 @@ def _open(name: str, split: str, data_dir: str | None) -> Sequence:
 
 
 # A forked DataLoader worker opens its own readers instead of sharing the parent's file handles.
-os.register_at_fork(after_in_child=_open.cache_clear)
+os.register_at_fork(after_in_child=_cached_open.cache_clear)

@@ -28,6 +28,7 @@ def resolved_options(cfg: TrialConfig, info: DatasetInfo) -> dict[str, Any]:
         "mean": cfg.mean or info.mean,
         "std": cfg.std or info.std,
         "interpolation": cfg.interpolation,
+        "eval_interpolation": cfg.eval_interpolation or ("bilinear" if cfg.interpolation == "random" else cfg.interpolation),
     }
 
 
@@ -50,7 +51,7 @@ def build_transform(cfg: TrialConfig, info: DatasetInfo, training: bool) -> Call
     return create_transform(
         opts["input_size"],
         is_training=False,
-        interpolation="bilinear" if opts["interpolation"] == "random" else opts["interpolation"],
+        interpolation=opts["eval_interpolation"],
         crop_pct=opts["crop_pct"],
         mean=opts["mean"],
         std=opts["std"],

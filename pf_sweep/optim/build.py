@@ -25,6 +25,8 @@ def build_rho_schedule(cfg: TrialConfig) -> RhoSchedule:
 def build_optimizer(model: nn.Module, cfg: TrialConfig, rank: int = 0) -> torch.optim.Optimizer:
     """timm's optimizer (no weight decay on biases and norm layers), wrapped in SAM unless method='sgd'."""
     kwargs = {"momentum": cfg.momentum} if cfg.opt in ("sgd", "sgdw", "momentum") else {}
+    if cfg.nesterov is not None:
+        kwargs["nesterov"] = cfg.nesterov
     base = create_optimizer_v2(
         model, opt=cfg.opt, lr=cfg.resolved_lr, weight_decay=cfg.weight_decay, filter_bias_and_bn=True, **kwargs
     )
@@ -43,14 +45,23 @@ def build_optimizer(model: nn.Module, cfg: TrialConfig, rank: int = 0) -> torch.
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrialConfig, updates_per_epoch: int) -> Scheduler:
-    """A timm scheduler stepped per update (``step_update``) after a linear warmup."""
+    """A timm scheduler stepped per update (``step_update``) after a linear warmup.
+
+    ``linear`` decays from the end of the warmup to ``min_lr`` at the last update (timm's poly with
+    power 1, the warmup a prefix), as the paper's release schedules it; the other schedules count
+    their decay from the first update, as timm does by default.
+    """
     extra = {"decay_rate": 1.0} if cfg.sched == "linear" else {}
+    num_epochs = cfg.epochs
+    if cfg.sched == "linear" and cfg.warmup_epochs:
+        extra["warmup_prefix"] = True
+        num_epochs = cfg.epochs - cfg.warmup_epochs
     if cfg.sched == "step":
         extra = {"decay_epochs": max(1, cfg.epochs // 3), "decay_rate": 0.1}
     scheduler, _ = create_scheduler_v2(
         optimizer,
         sched=_TIMM_SCHED[cfg.sched],
-        num_epochs=cfg.epochs,
+        num_epochs=num_epochs,
         min_lr=cfg.min_lr,
         warmup_lr=cfg.warmup_lr,
         warmup_epochs=cfg.warmup_epochs,
