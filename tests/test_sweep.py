@@ -194,9 +194,9 @@ def test_killed_sweep_driver_resumes_without_losing_or_repeating_trials(tmp_path
     # One trial at a time; SIGKILL the driver's whole process group (driver and its local Ray) once one
     # trial has finished and the next has checkpointed an epoch but not finished. `--resume` must
     # keep the finished trial, continue the interrupted one from its checkpoint, and run the rest.
-    epochs, storage = 4, tmp_path / "store"
+    epochs, storage = 3, tmp_path / "store"
     args = ["--name", "k", "--num-samples", "3", "--max-concurrent", "1", "--set", f"epochs={epochs}", "--executor", executor]
-    args += ["--set", "train_split=train[:768]"]
+    args += ["--set", "train_split=train[:640]"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(ROOT / "run_sweep.py"), "--storage", str(storage), *args]
     driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
