@@ -22,6 +22,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--space", default="digits_cpu", help="a shipped space name or a .py file defining SPACE")
     p.add_argument("--runs", help="a paper_* preset's named runs to run, comma-separated (default: all of them)")
+    p.add_argument(
+        "--from-sweep",
+        dest="from_sweeps",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="an earlier sweep a chained preset's runs start from (repeatable: paper_cifar*_finetune need paper_rn50 "
+        "and/or paper_vits32)",
+    )
     p.add_argument("--num-samples", type=int, help="trials to run (default: the space's budget)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: the space's, capped by CPUs)")
     p.add_argument("--scheduler", choices=["fifo", "asha"], default="fifo")
@@ -79,6 +88,18 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
             if args.resume:
                 raise ValueError("--runs applies at launch; a resumed sweep keeps the runs it started with")
             space = space.with_runs([r.strip() for r in args.runs.split(",") if r.strip()])
+        if args.from_sweeps and args.resume:
+            raise ValueError("--from-sweep applies at launch; a resumed sweep keeps the checkpoints it started from")
+        if getattr(space, "sources", None) and not args.resume:
+            if not args.from_sweeps:
+                needed = sorted({source_space for source_space, _ in space.sources.values()})
+                raise ValueError(
+                    f"Space {space.name} fine-tunes earlier runs: name their sweeps with --from-sweep "
+                    f"(of space {' and '.join(needed)}; --runs picks a subset)"
+                )
+            space = space.from_sweeps(args.from_sweeps)
+        elif args.from_sweeps:
+            space.from_sweeps(args.from_sweeps)  # raises: this space starts from no earlier sweep
         overrides = {}
         for item in args.overrides:
             if "=" not in item:

@@ -146,8 +146,20 @@ def trial_base(space: Space, settings: SweepSettings) -> dict[str, Any]:
 
 
 def run_params(space: Space, run: str, settings: SweepSettings) -> dict[str, Any]:
-    """A preset run's Tune parameters: its fields and name, then --set overrides (the user's word wins)."""
-    return {**space.point(run), **(settings.overrides or {})}
+    """A preset run's Tune parameters: its fields and name, then --set overrides (the user's word wins).
+
+    A run that sets its own ``batch_size`` (the most one worker takes) gets its own split of the
+    preset's global batch.
+    """
+    params = space.point(run)
+    global_batch = getattr(space, "global_batch", None)
+    overridden = {"batch_size", "grad_accum_steps"} & set(settings.overrides or {})
+    if global_batch and "batch_size" in params and not overridden:
+        from search_spaces.base import resolve_global_batch
+
+        batch = resolve_global_batch(global_batch, settings.workers_per_trial, params["batch_size"])
+        params["batch_size"], params["grad_accum_steps"] = batch
+    return {**params, **(settings.overrides or {})}
 
 
 def named_run_points(space: Space, settings: SweepSettings, base: dict[str, Any]) -> tuple[list[dict], dict[str, Any]]:

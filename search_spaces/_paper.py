@@ -22,6 +22,8 @@ Every run is trained once with seed 42, as in the release.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 from search_spaces.base import SearchSpace
@@ -125,3 +127,61 @@ def preset(name: str, doc: str, base: dict[str, Any], runs: dict[str, dict[str, 
         max_concurrent=1,
         gpus_per_worker=1.0,
     )
+
+
+def cifar_finetune(dataset: str, num_classes: int) -> tuple[dict[str, dict[str, Any]], dict[str, tuple[str, str]]]:
+    """The release's CIFAR fine-tuning runs and the ImageNet runs they start from.
+
+    Two protocols: plain SGD from the SAM-max vs the SAM-OBF ImageNet checkpoint (``*_max2sgd`` vs
+    ``*_obf2sgd``), and SAM-max vs SAM-OBF fine-tuning from the vanilla checkpoint. 100 epochs (5 of
+    warmup) at a global batch of 512, the CIFAR images upsampled to 224, torch SGD with momentum 0.9
+    and no weight decay, gradients clipped at 1. The new head is timm's default for a ResNet (PyTorch's
+    Linear init) and, for a ViT, zero weights with bias -ln(classes), as the release's loader leaves it.
+    """
+    data = {**IMAGENET_DATA, "dataset": dataset, "val_split": "test"}
+    common = {**data, "opt": "momentum", "momentum": 0.9, "weight_decay": 0.0, "clip_grad": 1.0, "epochs": 100}
+    common |= {"warmup_epochs": 5, "warmup_lr": 0.0, "min_lr": 0.0, "sched": "linear"}
+    resnet = {**common, "model": "resnet50", "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "lr": 0.01, "batch_size": 128}
+    vit = {
+        **common,
+        "model": "vit_small_patch32_224",
+        "model_kwargs": VIT["model_kwargs"],
+        "head_init_bias": -math.log(num_classes),
+        "mean": INCEPTION_MEAN,
+        "std": INCEPTION_STD,
+        "lr": 0.003,
+        "batch_size": 512,
+        "loss": "bce",
+        "bce_reduction": "sum_mean",
+    }
+    bce = {"loss": "bce", "bce_reduction": "sum_mean"}
+    obf = {"obf_C": float(num_classes), "obf_gamma": 1e-12}
+    runs = {
+        "rn50_max2sgd": {**resnet, "loss": "ce"},
+        "rn50_obf2sgd": {**resnet, "loss": "ce"},
+        "rn50_sgd2max": {**resnet, **bce, **sam("sam", "max", 0.1)},
+        "rn50_sgd2obf": {**resnet, **bce, **sam("sam", "obf", 0.1, **obf)},
+        "vits32_max2sgd": vit,
+        "vits32_obf2sgd": vit,
+        "vits32_adamw2max": {**vit, **sam("sam", "max", 0.05)},
+        "vits32_adamw2obf": {**vit, **sam("sam", "obf", 0.05, **obf)},
+    }
+    sources = {
+        "rn50_max2sgd": ("paper_rn50", "sam_max"),
+        "rn50_obf2sgd": ("paper_rn50", "sam_obf"),
+        "rn50_sgd2max": ("paper_rn50", "vanilla"),
+        "rn50_sgd2obf": ("paper_rn50", "vanilla"),
+        "vits32_max2sgd": ("paper_vits32", "sam_max"),
+        "vits32_obf2sgd": ("paper_vits32", "sam_obf"),
+        "vits32_adamw2max": ("paper_vits32", "vanilla"),
+        "vits32_adamw2obf": ("paper_vits32", "vanilla"),
+    }
+    return runs, sources
+
+
+def finetune_preset(name: str, doc: str, dataset: str, num_classes: int) -> SearchSpace:
+    """A CIFAR fine-tuning preset: global batch 512, each run chained to an ImageNet preset's run."""
+    runs, sources = cifar_finetune(dataset, num_classes)
+    base = {"dataset": dataset, "val_split": "test", "method": "sgd", "seed": 42}
+    space = preset(name, doc, base, runs)
+    return dataclasses.replace(space, global_batch=512, sources=sources)

@@ -44,6 +44,8 @@ class SearchSpace:
     gpus_per_worker: float = 0.0
     points: dict[str, dict[str, Any]] | None = None
     global_batch: int | None = None
+    # A chained preset's runs start from other presets' runs: {run: (space, source run)}, see from_sweeps.
+    sources: dict[str, tuple[str, str]] | None = None
 
     def __post_init__(self) -> None:
         if sum(x is not None for x in (self.suggest, self.grid, self.points)) != 1:
@@ -93,7 +95,20 @@ class SearchSpace:
         unknown = [r for r in runs if r not in self.points]
         if unknown or not runs:
             raise ValueError(f"Invalid --runs {','.join(runs)!r} for {self.name}: known runs are {', '.join(self.points)}")
-        return dataclasses.replace(self, points={r: f for r, f in self.points.items() if r in runs})
+        kept = {r: f for r, f in self.points.items() if r in runs}
+        sources = None if self.sources is None else {r: src for r, src in self.sources.items() if r in runs}
+        return dataclasses.replace(self, points=kept, sources=sources)
+
+    def from_sweeps(self, sweeps: list[str]) -> SearchSpace:
+        """This chained preset with each run's ``pretrained_path`` set to its source run's final
+        checkpoint, found in the earlier sweeps ``sweeps`` (directories); ValueError naming what is missing."""
+        if not self.sources:
+            raise ValueError(f"Invalid --from-sweep: space {self.name!r} starts from no earlier sweep")
+        from pf_sweep.chained import source_checkpoints
+
+        paths = source_checkpoints(self.sources, sweeps)
+        points = {r: {**f, "pretrained_path": paths[r]} if r in paths else f for r, f in self.points.items()}
+        return dataclasses.replace(self, points=points)
 
 
 def resolve_global_batch(global_batch: int, workers: int, max_per_worker: int) -> tuple[int, int]:

@@ -1,7 +1,9 @@
 """The paper presets (``paper_rn50``, ``paper_rn101``, ``paper_vits32``, ``paper_vits16``): every run
 resolves to the release's settings, the pieces they build behave as the release's code does (SGDW,
 the linear schedule, weight-decay groups, the ViT head), the global batch splits over any worker
-count, and every run trains two steps on ``tfds.testing.mock_data`` with its real model at 32 px.
+count, and the runs train two steps on ``tfds.testing.mock_data`` with their real models at 32 px.
+The CIFAR fine-tuning presets (``paper_cifar10_finetune``, ``paper_cifar100_finetune``) start each
+run from its ImageNet source run's final checkpoint in an earlier (here hand-made) sweep.
 
 The expected values below are the release's, restated from its launch scripts and their argparse
 defaults (not read from the presets), so a preset that drifts from the release fails here.
@@ -360,3 +362,139 @@ def test_a_named_run_sweep_trains_the_chosen_runs_once_each_with_set_on_top(tmp_
     assert trials.loc["sam_big", "method"] == "sam" and trials.loc["plain", "method"] == "sgd"
     assert set(trials["rho"]) == {0.3}  # --set wins over sam_big's own 0.5
     assert set(trials["batch_size"]) == {32} and set(trials["grad_accum_steps"]) == {2}  # 64 = 1 x 32 x 2
+
+
+# ------------------------------------------------------------------------------ CIFAR fine-tuning
+
+
+FINETUNE_SOURCES = {
+    "rn50_max2sgd": ("paper_rn50", "sam_max"),
+    "rn50_obf2sgd": ("paper_rn50", "sam_obf"),
+    "rn50_sgd2max": ("paper_rn50", "vanilla"),
+    "rn50_sgd2obf": ("paper_rn50", "vanilla"),
+    "vits32_max2sgd": ("paper_vits32", "sam_max"),
+    "vits32_obf2sgd": ("paper_vits32", "sam_obf"),
+    "vits32_adamw2max": ("paper_vits32", "vanilla"),
+    "vits32_adamw2obf": ("paper_vits32", "vanilla"),
+}
+FINETUNE = {"opt": "momentum", "momentum": 0.9, "weight_decay": 0.0, "clip_grad": 1.0, "epochs": 100, "warmup_epochs": 5}
+FINETUNE |= {"warmup_lr": 0.0, "min_lr": 0.0, "sched": "linear", "img_size": 224, "val_split": "test", "seed": 42}
+FINETUNE |= {"interpolation": "bilinear", "eval_interpolation": "bicubic", "crop_pct": 0.875, "hflip": 0.5}
+RN_FT = {**FINETUNE, "model": "resnet50", "lr": 0.01, "mean": RESNET["mean"], "model_kwargs": {}, "head_init_bias": None}
+VIT_FT = {**FINETUNE, "model": "vit_small_patch32_224", "lr": 0.003, "mean": (0.5,) * 3, "model_kwargs": VIT["model_kwargs"]}
+VIT_FT |= {"loss": "bce", "bce_reduction": "sum_mean"}
+
+
+def finetune_expected(classes: int) -> dict[str, dict]:
+    obf = {"obf_C": float(classes), "obf_gamma": 1e-12}
+    vit = {**VIT_FT, "head_init_bias": -math.log(classes)}
+    bce = {"loss": "bce", "bce_reduction": "sum_mean"}
+    return {
+        "rn50_max2sgd": {**RN_FT, **SGD, "loss": "ce"},
+        "rn50_obf2sgd": {**RN_FT, **SGD, "loss": "ce"},
+        "rn50_sgd2max": {**RN_FT, **bce, **sam("sam", "max", 0.1)},
+        "rn50_sgd2obf": {**RN_FT, **bce, **sam("sam", "obf", 0.1, **obf)},
+        "vits32_max2sgd": {**vit, **SGD},
+        "vits32_obf2sgd": {**vit, **SGD},
+        "vits32_adamw2max": {**vit, **sam("sam", "max", 0.05)},
+        "vits32_adamw2obf": {**vit, **sam("sam", "obf", 0.05, **obf)},
+    }
+
+
+@pytest.mark.parametrize("classes", [10, 100])
+def test_the_finetuning_presets_resolve_to_the_releases_settings_and_sources(classes):
+    preset = f"paper_cifar{classes}_finetune"
+    space = search_spaces.get(preset)
+    expected = finetune_expected(classes)
+    assert list(space.points) == list(expected) and space.sources == FINETUNE_SOURCES
+    for run, fields in expected.items():
+        cfg = resolved(preset, run)
+        assert {name: getattr(cfg, name) for name in fields} == fields, run
+        assert (cfg.dataset, cfg.global_batch_size, cfg.run_name) == (f"tfds/cifar{classes}", 512, run)
+        per_worker = 128 if run.startswith("rn50") else 512
+        assert (cfg.batch_size, cfg.grad_accum_steps) == (per_worker, 512 // per_worker)
+        eight = resolved(preset, run, 8)
+        assert (eight.batch_size, eight.grad_accum_steps) == (64, 1)
+
+
+def fake_sweep(root: Path, space: str, runs: dict[str, tuple[torch.nn.Module, bool]]) -> Path:
+    """An earlier sweep as pf-sweep leaves it: sweep.json and, per run, its newest checkpoint
+    (the last of 2 epochs when the run finished, the first otherwise)."""
+    import json
+
+    from pf_sweep.checkpoint import save_checkpoint
+
+    sweep = root / space
+    sweep.mkdir(parents=True)
+    (sweep / "sweep.json").write_text(json.dumps({"space": space, "base": {}, "settings": {}}))
+    for i, (run, (model, finished)) in enumerate(runs.items()):
+        checkpoint = sweep / "runs" / f"train-{i:05d}" / f"checkpoint_{1 if finished else 0:06d}"
+        save_checkpoint(checkpoint, {"model": model.state_dict()}, {"run_name": run, "epochs": 2}, [])
+    return sweep
+
+
+def test_a_chained_run_starts_from_its_source_with_the_head_the_release_gives_it(tmp_path):
+    import tensorflow_datasets as tfds
+    import timm
+
+    from pf_sweep.data.registry import DatasetInfo
+    from pf_sweep.models import build_model
+    from pf_sweep.trial import run_trial
+
+    torch.manual_seed(0)
+    resnet = timm.create_model("resnet50", num_classes=1000)
+    vit = timm.create_model("vit_small_patch32_224", num_classes=1000, img_size=32, **VIT["model_kwargs"])
+    rn_sweep = fake_sweep(tmp_path, "paper_rn50", {"sam_max": (resnet, True), "vanilla": (resnet, False)})
+    vit_sweep = fake_sweep(tmp_path, "paper_vits32", {"sam_obf": (vit, True)})
+    space = search_spaces.get("paper_cifar10_finetune").with_runs(["rn50_max2sgd", "vits32_obf2sgd"])
+    chained = space.from_sweeps([str(rn_sweep), str(vit_sweep)])
+    assert chained.points["rn50_max2sgd"]["pretrained_path"] == str((rn_sweep / "runs/train-00000/checkpoint_000001").resolve())
+    assert chained.points["vits32_obf2sgd"]["pretrained_path"].endswith("train-00000/checkpoint_000001")
+
+    info = DatasetInfo(name="c", num_classes=10, in_chans=3, image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, splits=())
+    shrink = {"img_size": 32, "epochs": 1, "warmup_epochs": 0, "batch_size": 8, "train_eval_size": 8}
+    for run, source in (("rn50_max2sgd", resnet), ("vits32_obf2sgd", vit)):
+        settings = SweepSettings(num_samples=1, max_concurrent=1, overrides=shrink)
+        cfg = TrialConfig.from_dict({**trial_base(chained, settings), **run_params(chained, run, settings)})
+        model = build_model(cfg, info)
+        head = model.get_classifier()
+        body = {k: v for k, v in model.state_dict().items() if not k.startswith(("fc.", "head."))}
+        source_state = source.state_dict()
+        assert all(torch.equal(v, source_state[k]) for k, v in body.items()), run
+        assert head.weight.shape == (10, source.num_features)
+        if run.startswith("rn50"):  # PyTorch's Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            assert 0 < head.weight.abs().max() <= 1 / math.sqrt(2048)
+        else:  # zero weights, bias -ln(10)
+            assert torch.count_nonzero(head.weight) == 0
+            torch.testing.assert_close(head.bias, torch.full((10,), -math.log(10)))
+        with tfds.testing.mock_data(num_examples=16):
+            result = run_trial(cfg, local=True, storage_path=None)
+        assert result.metrics["step"] == 2 and math.isfinite(result.metrics["train/loss"])
+
+
+def test_a_missing_or_unfinished_source_run_is_refused_by_name(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    rn_sweep = fake_sweep(tmp_path, "paper_rn50", {"vanilla": (model, False)})
+    space = search_spaces.get("paper_cifar100_finetune")
+    with pytest.raises(ValueError, match=r"sweep .*paper_rn50 has no run 'sam_max' \(it has: vanilla\)"):
+        space.with_runs(["rn50_max2sgd"]).from_sweeps([str(rn_sweep)])
+    with pytest.raises(ValueError, match=r"run 'vanilla' of sweep .* has not finished"):
+        space.with_runs(["rn50_sgd2obf"]).from_sweeps([str(rn_sweep)])
+    with pytest.raises(ValueError, match=r"no sweep of space paper_vits32 was given.*add --from-sweep <storage>/paper_vits32"):
+        space.with_runs(["vits32_max2sgd"]).from_sweeps([str(rn_sweep)])
+    with pytest.raises(ValueError, match="not a sweep directory"):
+        space.from_sweeps([str(tmp_path)])
+
+
+def test_cli_refuses_a_chained_preset_without_its_sweeps_with_exit_2_before_ray(tmp_path):
+    from conftest import fake_ray_path
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([fake_ray_path(tmp_path), str(ROOT)])}
+    cmd = [sys.executable, str(ROOT / "run_sweep.py"), "--space", "paper_cifar10_finetune", "--runs", "rn50_max2sgd"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "name their sweeps with --from-sweep (of space paper_rn50;" in proc.stderr
+    proc = subprocess.run(
+        [*cmd, "--from-sweep", str(tmp_path)], capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path
+    )
+    assert proc.returncode == 2 and "not a sweep directory" in proc.stderr
