@@ -200,14 +200,20 @@ def test_runs_selects_a_subset_and_an_unknown_run_is_refused_naming_the_known_on
         search_spaces.get("digits_cpu").with_runs(["sam_max"])
 
 
-def test_cli_refuses_an_unknown_run_with_exit_2_before_ray(tmp_path):
+def refused(tmp_path: Path, *args: str) -> str:
+    """run_sweep.py's error line for ``args``, asserting exit 2 with no Ray imported (the fake ``ray`` fails)."""
     from conftest import fake_ray_path
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([fake_ray_path(tmp_path), str(ROOT)])}
-    cmd = [sys.executable, str(ROOT / "run_sweep.py"), "--space", "paper_vits16", "--runs", "asam_max"]
+    cmd = [sys.executable, str(ROOT / "run_sweep.py"), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
-    assert proc.returncode == 2
-    assert "Invalid --runs 'asam_max' for paper_vits16: known runs are vanilla" in proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    return proc.stderr
+
+
+def test_cli_refuses_an_unknown_run_with_exit_2_before_ray(tmp_path):
+    error = refused(tmp_path, "--space", "paper_vits16", "--runs", "asam_max")
+    assert "Invalid --runs 'asam_max' for paper_vits16: known runs are vanilla" in error
 
 
 # ------------------------------------------------------------------------------ what they build
@@ -487,14 +493,6 @@ def test_a_missing_or_unfinished_source_run_is_refused_by_name(tmp_path):
 
 
 def test_cli_refuses_a_chained_preset_without_its_sweeps_with_exit_2_before_ray(tmp_path):
-    from conftest import fake_ray_path
-
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([fake_ray_path(tmp_path), str(ROOT)])}
-    cmd = [sys.executable, str(ROOT / "run_sweep.py"), "--space", "paper_cifar10_finetune", "--runs", "rn50_max2sgd"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
-    assert proc.returncode == 2
-    assert "name their sweeps with --from-sweep (of space paper_rn50;" in proc.stderr
-    proc = subprocess.run(
-        [*cmd, "--from-sweep", str(tmp_path)], capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path
-    )
-    assert proc.returncode == 2 and "not a sweep directory" in proc.stderr
+    args = ["--space", "paper_cifar10_finetune", "--runs", "rn50_max2sgd"]
+    assert "name their sweeps with --from-sweep (of space paper_rn50;" in refused(tmp_path, *args)
+    assert "not a sweep directory" in refused(tmp_path, *args, "--from-sweep", str(tmp_path))
