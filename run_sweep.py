@@ -31,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="an earlier sweep a chained preset's runs start from (repeatable: paper_cifar*_finetune need paper_rn50 "
         "and/or paper_vits32)",
     )
+    p.add_argument(
+        "--search",
+        metavar="FIELDS",
+        help="search these fields (comma-separated: rho, sharpness_m, obf_gamma, gsam_alpha, lr, weight_decay) with "
+        "Optuna around the one preset run --runs names (default budget 16 trials)",
+    )
     p.add_argument("--num-samples", type=int, help="trials to run (default: the space's budget)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: the space's, capped by CPUs)")
     p.add_argument("--scheduler", choices=["fifo", "asha"], default="fifo")
@@ -100,6 +106,14 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser):
             space = space.from_sweeps(args.from_sweeps)
         elif args.from_sweeps:
             space.from_sweeps(args.from_sweeps)  # raises: this space starts from no earlier sweep
+        if args.search is not None:
+            if args.resume:
+                raise ValueError("--search applies at launch; a resumed sweep keeps the space it started with")
+            from search_spaces.base import search_around
+
+            fields = [f.strip() for f in args.search.split(",") if f.strip()]
+            workers = args.workers_per_trial or space.workers_per_trial
+            space = search_around(space, fields, workers=workers, num_samples=args.num_samples or 16)
         overrides = {}
         for item in args.overrides:
             if "=" not in item:

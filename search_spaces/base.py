@@ -111,6 +111,35 @@ class SearchSpace:
         return dataclasses.replace(self, points=points)
 
 
+def search_around(space: SearchSpace, fields: list[str], *, workers: int = 1, num_samples: int = 16) -> SearchSpace:
+    """A one-run preset (``with_runs([run])``) turned into an Optuna search of ``fields`` centred on
+    that run's values, its own point evaluated first (``search_spaces/_centred.py`` has the ranges)."""
+    from search_spaces._centred import centred_suggest
+
+    if space.points is None or len(space.points) != 1:
+        runs = ", ".join(space.points or {}) or "none"
+        raise ValueError(f"Invalid --search: it searches around one named run; pick it with --runs (runs: {runs})")
+    (run,) = space.points
+    base = {**space.base, **space.points[run], "run_name": run}  # the searched values replace the run's own
+    if space.global_batch:
+        most = base.get("batch_size", 64)
+        base["batch_size"], base["grad_accum_steps"] = resolve_global_batch(space.global_batch, workers, most)
+    point = TrialConfig.from_dict(base).to_dict()
+    suggest, centre = centred_suggest(point, fields, point["batch_size"], run)
+    return dataclasses.replace(
+        space,
+        name=f"{space.name}_{run}_search",
+        description=f"{space.description} (run {run}; searched: {', '.join(fields)})",
+        base=base,
+        points=None,
+        sources=None,
+        suggest=suggest,
+        points_to_evaluate=(centre,),
+        num_samples=num_samples,
+        global_batch=None,
+    )
+
+
 def resolve_global_batch(global_batch: int, workers: int, max_per_worker: int) -> tuple[int, int]:
     """(per-worker batch, accumulation steps) with workers x batch x steps == global_batch.
 

@@ -496,3 +496,60 @@ def test_cli_refuses_a_chained_preset_without_its_sweeps_with_exit_2_before_ray(
     args = ["--space", "paper_cifar10_finetune", "--runs", "rn50_max2sgd"]
     assert "name their sweeps with --from-sweep (of space paper_rn50;" in refused(tmp_path, *args)
     assert "not a sweep directory" in refused(tmp_path, *args, "--from-sweep", str(tmp_path))
+
+
+# ------------------------------------------------------------------------------ --search around a run
+
+
+def test_search_ranges_are_centred_on_the_run_and_its_own_point_comes_first():
+    from search_spaces.base import search_around
+
+    space = search_around(search_spaces.get("paper_rn50").with_runs(["gsam_max"]), ["rho", "sharpness_m", "gsam_alpha"])
+    assert (space.points, space.suggest is not None, space.num_samples) == (None, True, 16)
+    samples = space.sample(40, seed=3)
+    assert samples[0] == {"rho": 0.04, "sharpness_m": 64, "gsam_alpha": 0.01}
+    for params in samples[1:]:
+        assert 0.01 <= params["rho"] <= 0.16 and 0.0025 <= params["gsam_alpha"] <= 0.04
+        assert params["sharpness_m"] in (16, 32, 64, 128, 256)  # divisors of the per-worker 256, m/4 to 4m
+        assert params["min_rho"] == pytest.approx(params["rho"] / 2)  # lr_prop keeps min_rho / rho
+        cfg = space.config_for(params)
+        assert (cfg.method, cfg.run_name, cfg.global_batch_size, cfg.backup_normalized) == ("gsam", "gsam_max", 4096, True)
+    assert len({p["sharpness_m"] for p in samples}) > 2 and len({p["rho"] for p in samples}) == len(samples)
+
+    vit = search_around(search_spaces.get("paper_vits32").with_runs(["asam_obf"]), ["obf_gamma"], workers=8)
+    gammas = [p["obf_gamma"] for p in vit.sample(20, seed=0)]
+    assert gammas[0] == 1e-12 and all(1e-12 <= g <= 1.0 for g in gammas) and max(gammas) > 1e-3
+    assert (vit.base["batch_size"], vit.base["grad_accum_steps"]) == (512, 1)
+
+
+@pytest.mark.parametrize(
+    ("runs", "fields", "message"),
+    [
+        (None, ["rho"], "searches around one named run; pick it with --runs"),
+        (["vanilla"], ["rho"], "run 'vanilla' does not use it"),
+        (["sam_max"], ["obf_gamma"], "run 'sam_max' does not use it"),
+        (["sam_max"], ["momentum"], "searchable fields are rho, lr, weight_decay"),
+    ],
+)
+def test_search_refuses_what_has_no_centre(runs, fields, message):
+    from search_spaces.base import search_around
+
+    space = search_spaces.get("paper_rn50")
+    with pytest.raises(ValueError, match=message):
+        search_around(space.with_runs(runs) if runs else space, fields)
+
+
+@pytest.mark.ray
+def test_a_search_around_a_named_run_runs_on_optuna_from_the_runs_point(tmp_path):
+    from analysis import load_sweep
+
+    (tmp_path / "named.py").write_text(NAMED_SPACE)
+    cmd = [sys.executable, str(ROOT / "run_sweep.py"), "--space", str(tmp_path / "named.py"), "--storage", str(tmp_path)]
+    cmd += ["--runs", "sam_small", "--search", "rho,sharpness_m", "--num-samples", "2", "--max-failures", "0"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trials = load_sweep(tmp_path / "named_sam_small_search")
+    assert len(trials) == 2 and set(trials["status"]) == {"TERMINATED"} and set(trials["run_name"]) == {"sam_small"}
+    assert 0.01 in set(trials["rho"]) and 16 in set(trials["sharpness_m"])  # the run's own point first
+    assert all(0.0025 <= r <= 0.04 for r in trials["rho"]) and set(trials["sharpness_m"]) <= {4, 8, 16, 32}
