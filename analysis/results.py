@@ -40,6 +40,7 @@ import pandas as pd
 
 from pf_sweep.config import FIELD_NAMES, TrialConfig
 from pf_sweep.divergence import find_reason
+from pf_sweep.evaluate import RESULT_PREFIX as EVALUATION_PREFIX
 from pf_sweep.storage import StoragePath
 
 SWEEP_FILE = "sweep.json"
@@ -150,6 +151,7 @@ class _Trial:
     history: list[dict[str, Any]]
     checkpoint: str | None
     error: str | None
+    evaluations: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -210,8 +212,10 @@ def _trial_ids(entries: dict[str, bool], runs: dict[str, bool], state: dict[str,
     return sorted(ids)
 
 
-def _latest_checkpoint(run: _Dir) -> tuple[str | None, dict[str, Any] | None, list[dict[str, Any]]]:
-    """(path, config, history) of the newest complete checkpoint of a Train run (one being copied is skipped)."""
+def _latest_checkpoint(run: _Dir) -> tuple[str | None, dict[str, Any] | None, list[dict[str, Any]], dict[str, Any]]:
+    """(path, config, history, evaluations) of the newest complete checkpoint of a Train run (one
+    being copied is skipped); evaluations: the ``eval/...`` metrics of its ``evaluation-<suite>.json``
+    files (``python -m pf_sweep.evaluate``)."""
     names = sorted((n for n, is_dir in run.entries().items() if is_dir and n.startswith(CHECKPOINT_PREFIX)), reverse=True)
     for name in names:
         checkpoint = run / name
@@ -220,8 +224,13 @@ def _latest_checkpoint(run: _Dir) -> tuple[str | None, dict[str, Any] | None, li
             continue
         config, history = _json(checkpoint.read(CONFIG_FILE)), _json(checkpoint.read(METRICS_FILE))
         if isinstance(config, dict) and isinstance(history, list):
-            return str(checkpoint), config, history
-    return None, None, []
+            evaluations: dict[str, Any] = {}
+            for file in sorted(f for f in files if f.startswith(EVALUATION_PREFIX) and f.endswith(".json")):
+                found = _json(checkpoint.read(file))
+                if isinstance(found, dict):
+                    evaluations.update({k: v for k, v in found.items() if k.startswith("eval/")})
+            return str(checkpoint), config, history, evaluations
+    return None, None, [], {}
 
 
 def _result_rows(text: str | None) -> list[dict[str, Any]]:
@@ -303,8 +312,8 @@ def _read_trial(root: _Dir, trial_id: str, tune: dict[str, Any], meta: dict[str,
     trial_dir = root / Path(tune.get("logdir") or f"trial-{trial_id}").name
     params = _json(trial_dir.read(PARAMS_FILE))
     params = params if isinstance(params, dict) else tune.get("config", {})
-    checkpoint, ckpt_config, ckpt_history = (
-        _latest_checkpoint(root / "runs" / f"train-{trial_id}") if in_runs else (None, None, [])
+    checkpoint, ckpt_config, ckpt_history, evaluations = (
+        _latest_checkpoint(root / "runs" / f"train-{trial_id}") if in_runs else (None, None, [], {})
     )
     config = {**_full_config(meta.get("base", {}), params), **(ckpt_config or {})}
     results = _result_rows(trial_dir.read(RESULT_FILE))
@@ -323,6 +332,7 @@ def _read_trial(root: _Dir, trial_id: str, tune: dict[str, Any], meta: dict[str,
         history=history,
         checkpoint=checkpoint,
         error=_error_message(error_text) if status == "ERROR" else None,
+        evaluations=evaluations,
     )
 
 
@@ -398,6 +408,7 @@ def load_sweep(path_or_paths: str | Path | Sequence[str | Path]) -> pd.DataFrame
                     "checkpoint": trial.checkpoint,
                     **_config_columns(trial.config),
                     **_metrics(last),
+                    **trial.evaluations,  # stand-alone evaluations of the final checkpoint win over the trial's own
                 }
             )
     frame = pd.DataFrame(rows)

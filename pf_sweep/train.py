@@ -170,7 +170,10 @@ def _label_set_sums(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     accuracy). The loss is -log of the probability on the valid labels, -log sum_{c in set} p_c: the
     cross-entropy when the set holds one label.
     """
-    member = (y[:, :, None] == torch.arange(logits.shape[-1], device=y.device)).any(dim=1)  # (B, C)
+    classes = logits.shape[-1]
+    member = torch.zeros(len(y), classes + 1, dtype=torch.bool, device=y.device)  # column C: the padding
+    member.scatter_(1, torch.where(y < 0, classes, y), True)
+    member = member[:, :classes]  # (B, C)
     keep = member.any(dim=-1)
     hit = member.gather(1, logits.topk(min(5, logits.shape[-1]), dim=-1).indices)
     loss = -logits.log_softmax(dim=-1).masked_fill(~member, float("-inf")).logsumexp(dim=-1)
