@@ -1,4 +1,10 @@
-"""``python -m analysis report SWEEP_DIR [SWEEP_DIR ...]``: write a sweep's report (see analysis.report)."""
+"""``python -m analysis report SWEEP_DIR [SWEEP_DIR ...]``: write a sweep's report (see analysis.report).
+
+``python -m analysis hessian SWEEP_DIR``: the top Hessian eigenvalue of every finished trial's last
+checkpoint. ``--protocol paper`` measures as the paper's release does: on the first 8,192 training
+images in TFDS order, in batches of 256, through the evaluation transform resized bilinearly, with
+the trial's loss unsmoothed (CE for its ResNets, BCE summed over classes for its ViTs), in eval mode.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--data", default="train[:1024]", help="the fixed data every checkpoint is measured on")
     report.add_argument("--address", help="Ray cluster for the measures (default: a local Ray)")
     report.add_argument("--claims", action="store_true", help="add a section answering each of the paper's claims")
+    hessian = commands.add_parser("hessian", help="the top Hessian eigenvalue of every finished trial (on Ray)")
+    hessian.add_argument("sweep", metavar="SWEEP_DIR")
+    hessian.add_argument("--protocol", choices=sorted(HESSIAN_PROTOCOLS), default="paper")
+    hessian.add_argument("--address", help="Ray cluster (default: a local Ray)")
     args = parser.parse_args(argv)
+    if args.command == "hessian":
+        return _hessian(args, parser)
 
     from analysis.report import build
 
@@ -41,6 +53,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  failed {trial_id}: {error}")
     print(f"report: {result.index}")
     return 0
+
+
+# --protocol -> measure_sweep's settings. "paper": the release's compute_hessian scripts.
+HESSIAN_PROTOCOLS = {
+    "paper": {"data": "train[:8192]", "batch_size": 256, "interpolation": "bilinear"},
+    "quick": {"data": "train[:1024]", "batch_size": 128, "interpolation": None},
+}
+
+
+def _hessian(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from analysis.measure import measure_sweep
+
+    try:
+        frame = measure_sweep(args.sweep, measures=["hessian_top"], address=args.address, **HESSIAN_PROTOCOLS[args.protocol])
+    except ValueError as err:
+        parser.exit(2, f"python -m analysis: error: {err}\n")
+    print(frame[["trial_id", "value", "error", "seconds"]].rename(columns={"value": "hessian_top"}).to_string(index=False))
+    return 1 if frame["error"].notna().any() else 0
 
 
 if __name__ == "__main__":

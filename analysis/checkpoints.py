@@ -30,11 +30,15 @@ class Measurable:
     checkpoint: str
 
 
-def load_measurable(checkpoint: str | Path, *, split: str = "train", n: int = 1024, batch_size: int = 128) -> Measurable:
+def load_measurable(
+    checkpoint: str | Path, *, split: str = "train", n: int = 1024, batch_size: int = 128, interpolation: str | None = None
+) -> Measurable:
     """Rebuild a checkpoint's model (eval mode) and the first ``n`` examples of ``split`` as batches.
 
     ``split`` uses TFDS slicing syntax on the trial's own dataset (``"train"``, ``"validation"``);
-    the batches are materialised once, so every measure sees exactly the same tensors.
+    the batches are materialised once, so every measure sees exactly the same tensors. They go
+    through the trial's evaluation transform, resized with ``interpolation`` when given (the paper's
+    Hessian protocol resizes bilinearly where its validation resizes bicubically).
     """
     from pf_sweep.data import TransformedSplit, build_transform, get_source
     from pf_sweep.losses import build_loss
@@ -53,7 +57,8 @@ def load_measurable(checkpoint: str | Path, *, split: str = "train", n: int = 10
     model = build_model(cfg.replace(pretrained_path=None), info)
     model.load_state_dict(state["model"])
     model.eval()
-    examples = TransformedSplit(source.split(split, cfg.data_dir, **hints), build_transform(cfg, info, training=False))
+    transform = build_transform(cfg.replace(eval_interpolation=interpolation) if interpolation else cfg, info, training=False)
+    examples = TransformedSplit(source.split(split, cfg.data_dir, **hints), transform)
     count = min(n, len(examples))
     data = []
     for start in range(0, count, batch_size):

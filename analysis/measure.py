@@ -63,6 +63,7 @@ class Options:
     m: int
     batch_size: int
     seed: int
+    interpolation: str | None = None  # of the eval transform; None: the trial's own eval_interpolation
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,7 @@ def _check_rho_eval(rho_eval: Sequence[float], chosen: list[Measure]) -> list[fl
     return list(dict.fromkeys(values))
 
 
-def _check_options(data: str, m: int, batch_size: int, seed: int) -> Options:
+def _check_options(data: str, m: int, batch_size: int, seed: int, interpolation: str | None = None) -> Options:
     if not isinstance(data, str) or not data.strip():
         raise ValueError(f"data: {data!r} must be a split in TFDS slicing syntax, e.g. 'train[:1024]'")
     for name, value in (("m", m), ("batch_size", batch_size)):
@@ -200,7 +201,9 @@ def _check_options(data: str, m: int, batch_size: int, seed: int) -> Options:
             raise ValueError(f"{name}: {value!r} must be a positive int")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed: {seed!r} must be an int")
-    return Options(data=data, m=m, batch_size=batch_size, seed=seed)
+    if interpolation not in (None, "bilinear", "bicubic", "nearest"):
+        raise ValueError(f"interpolation: {interpolation!r} must be bilinear, bicubic, nearest or None")
+    return Options(data=data, m=m, batch_size=batch_size, seed=seed, interpolation=interpolation)
 
 
 def _select(trials: pd.DataFrame, trial_ids: Sequence[str] | None, statuses: Sequence[str]) -> pd.DataFrame:
@@ -223,6 +226,8 @@ def settings_of(measure: Measure, options: Options, rho: float | None) -> dict[s
     """Everything that changes a measure's value, besides the checkpoint: what the cache key hashes."""
     settings: dict[str, Any] = {name: getattr(options, name) for name in measure.settings}
     settings.update(measure.fixed)
+    if measure.uses_model and options.interpolation is not None:  # absent by default: older cache keys stay valid
+        settings["interpolation"] = options.interpolation
     if measure.uses_rho:
         settings["rho"] = rho
     return settings
@@ -314,7 +319,9 @@ def measure_task(
             if spec.uses_model:
                 from analysis.checkpoints import load_measurable
 
-                loaded = load_measurable(local, split=options.data, n=_ALL_EXAMPLES, batch_size=options.batch_size)
+                loaded = load_measurable(
+                    local, split=options.data, n=_ALL_EXAMPLES, batch_size=options.batch_size, interpolation=options.interpolation
+                )
                 loaded.model.to(device)
                 loaded.loss_fn.to(device)
             results = []
@@ -471,6 +478,7 @@ def measure_sweep(
     m: int = 128,
     batch_size: int = 128,
     seed: int = 0,
+    interpolation: str | None = None,
     progress: bool = True,
     statuses: Sequence[str] = ("TERMINATED",),
     trial_ids: Sequence[str] | None = None,
@@ -494,7 +502,7 @@ def measure_sweep(
 
     chosen_measures = _check_measures(measures)
     rhos = _check_rho_eval(rho_eval, chosen_measures)
-    options = _check_options(data, m, batch_size, seed)
+    options = _check_options(data, m, batch_size, seed, interpolation)
     root = StoragePath.of(path)
     chosen = _select(load_sweep(path), trial_ids, statuses)
     history = load_history(path) if any(not mm.uses_model for mm in chosen_measures) else None

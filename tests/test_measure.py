@@ -396,3 +396,24 @@ def test_a_file_uri_sweep_is_measured_and_cached_through_its_uri(sweep, first, t
     local = first[0][first[0]["measure"].isin(["hessian_top", "forgetting"])].reset_index(drop=True)
     pd.testing.assert_frame_equal(df[["trial_id", "statistic", "value"]], local[["trial_id", "statistic", "value"]])
     assert measure.measure_sweep(f"file://{copy}", **kwargs)[1] == {"submitted": 0, "cached": 4, "failed": 0}
+
+
+@pytest.mark.ray
+def test_the_hessian_command_measures_the_papers_protocol_and_caches_it_apart(sweep, trials, ray_session, capsys):
+    from analysis.__main__ import HESSIAN_PROTOCOLS, main
+
+    # The release's compute_hessian scripts: the first 8,192 training images, batches of 256, bilinear.
+    assert HESSIAN_PROTOCOLS["paper"] == {"data": "train[:8192]", "batch_size": 256, "interpolation": "bilinear"}
+    before = set(_cache_files(sweep))
+    assert main(["hessian", str(sweep), "--protocol", "paper"]) == 0
+    printed = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]}
+    done = trials[trials["status"] == "TERMINATED"]
+    assert sorted(printed) == sorted(done["trial_id"])
+    for _, trial in done.iterrows():
+        ms = load_measurable(trial["checkpoint"], split="train[:8192]", n=10**9, batch_size=256, interpolation="bilinear")
+        assert len(ms.data[0][0]) == 256
+        top = hessian.top_eigenvalues(ms.model, ms.loss_fn, ms.data, k=1, seed=0)[0]
+        assert float(printed[trial["trial_id"]]) == pytest.approx(top, rel=1e-4)
+    new = [json.loads(p.read_text())["settings"] for p in set(_cache_files(sweep)) - before]
+    protocol = {"data": "train[:8192]", "batch_size": 256, "seed": 0, "interpolation": "bilinear"}
+    assert new == [{**protocol, "k": 1, "method": "lanczos", "tol": 1e-3}] * len(done)
