@@ -42,6 +42,7 @@ class TrialConfig:
     train_split: str = "train"
     val_split: str | None = None  # None: the dataset's own ("validation", else "test")
     eval_sets: tuple[tuple[str, str], ...] = ()
+    eval_suite: str | None = None  # pf_sweep.evaluate's suite (imagenet, cifar10, cifar100) scored at the end
     train_eval_size: int = 512
     img_size: int | None = None
     augment: bool = True
@@ -244,6 +245,10 @@ def _validate(c: TrialConfig) -> None:
         f"allowed: {', '.join(INTERPOLATIONS[:-1])}, or None for the training one",
     )
     _validate_model_kwargs(c.model_kwargs)
+    from pf_sweep.evaluate import SUITES  # light: names only
+
+    suites = [name for name, sets in SUITES.items() if sets]
+    _require(c.eval_suite in (None, *suites), "eval_suite", c.eval_suite, f"allowed: {', '.join(suites)}, or None")
     _require(
         c.nesterov is None or c.opt in ("sgd", "sgdw", "momentum"),
         "nesterov",

@@ -120,20 +120,42 @@ def evaluate_checkpoint(
 
     from pf_sweep.checkpoint import load_checkpoint
     from pf_sweep.config import TrialConfig
-    from pf_sweep.data import ShardedSampler, TransformedSplit, build_loader, build_transform, get_source
+    from pf_sweep.data import get_source
     from pf_sweep.models import build_model
 
-    chosen = _chosen_sets(suite, sets)
+    _chosen_sets(suite, sets)
     state = load_checkpoint(checkpoint)
     cfg = TrialConfig.from_dict({**state["config"], "pretrained_path": None, **({"data_dir": data_dir} if data_dir else {})})
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     info = get_source(cfg.dataset).info(cfg.data_dir, img_size=cfg.img_size, num_classes=cfg.num_classes)
     model = build_model(cfg, info)
     model.load_state_dict(state["model"])
-    model.to(device).eval()
-    side = eval_resolution(cfg, model, size, info.image_size)
+    out = evaluate_model(model.to(device), cfg, suite, sets=sets, size=size, batch_size=batch_size, native=info.image_size)
+    if write:
+        result_file(checkpoint, suite).write_text(json.dumps({"suite": suite, "size": str(size), **out}, indent=1))
+    return out
+
+
+def evaluate_model(
+    model,
+    cfg,
+    suite: str,
+    *,
+    sets: list[str] | None = None,
+    size: str | int = "release",
+    batch_size: int = 64,
+    native: int = 224,
+) -> dict[str, float]:
+    """``eval/<set>/<top1|top5|count>`` of ``model`` (on its device, left in eval mode) for each set of
+    ``suite``, through ``cfg``'s evaluation transform at the resolved size (``native``: the training
+    dataset's own image size). A trial with ``eval_suite`` calls this at its end."""
+    from pf_sweep.data import ShardedSampler, TransformedSplit, build_loader, build_transform, get_source
+
+    device = next(model.parameters()).device
+    model.eval()
+    side = eval_resolution(cfg, model, size, native)
     out: dict[str, float] = {"eval/img_size": float(side)}
-    for eval_set in chosen:
+    for eval_set in _chosen_sets(suite, sets):
         source = get_source(eval_set.dataset)
         set_info = source.info(cfg.data_dir, img_size=side)
         transform = build_transform(dataclasses.replace(cfg, img_size=side), set_info, training=False)
@@ -149,9 +171,7 @@ def evaluate_checkpoint(
             for key, value in score(logits, labels, used).items():
                 out[f"eval/{eval_set.class_subset_name}/{key}"] = value
             out[f"eval/{eval_set.class_subset_name}/classes"] = float(len(used))
-        logger.info("%s: %s top-1 %.2f", checkpoint, eval_set.name, out[f"eval/{eval_set.name}/top1"])
-    if write:
-        result_file(checkpoint, suite).write_text(json.dumps({"suite": suite, "size": str(size), **out}, indent=1))
+        logger.info("%s top-1 %.2f", eval_set.name, out[f"eval/{eval_set.name}/top1"])
     return out
 
 

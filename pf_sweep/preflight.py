@@ -167,6 +167,10 @@ def check_datasets(configs: Iterable[Any], *, on_cluster: bool, warn: Warn = log
     """
     configs = list(configs)
     needed = {(c.dataset, c.data_dir) for c in configs} | {(d, c.data_dir) for c in configs for d, _ in c.eval_sets}
+    if any(c.eval_suite for c in configs):
+        from pf_sweep.evaluate import SUITES
+
+        needed |= {(s.dataset, c.data_dir) for c in configs if c.eval_suite for s in SUITES[c.eval_suite]}
     for dataset, data_dir in sorted(needed, key=str):
         if not dataset.startswith("tfds/"):
             continue

@@ -264,6 +264,11 @@ def run(cfg: TrialConfig, session: Session) -> None:
             metrics["gen_gap"] = train_top1 - val["top1"]
             for name, loader in data.extra.items():
                 metrics[f"eval/{name}/top1"] = evaluate(bare, loader, session, cfg.amp)["top1"]
+            if cfg.eval_suite and session.rank == 0:  # the release's stand-alone evaluation, on rank 0
+                from pf_sweep.evaluate import evaluate_model
+
+                metrics.update(evaluate_model(bare, cfg, cfg.eval_suite, batch_size=cfg.batch_size, native=data.info.image_size))
+                bare.train()
         history.append(metrics)
         write = None
         if last or (epoch + 1) % cfg.checkpoint_every == 0:

@@ -160,3 +160,28 @@ def test_a_sweeps_final_checkpoints_are_evaluated_on_ray_and_load_sweep_shows_th
         # The trial's own last validation is the same model on the same split and transform.
         assert metrics["eval/digits:validation/top1"] == pytest.approx(trials.loc[trial_id, "val/top1"])
         assert trials.loc[trial_id, "eval/digits:train[:100]/count"] == 100.0
+
+
+def test_a_trial_with_eval_suite_scores_the_suite_after_its_last_epoch():
+    import tensorflow_datasets as tfds
+
+    from pf_sweep.trial import run_trial
+
+    cfg = TrialConfig(dataset="tfds/imagenet2012", model="pf_cnn_tiny", img_size=32, epochs=1, batch_size=8)
+    cfg = cfg.replace(train_eval_size=8, eval_suite="imagenet")
+    with tfds.testing.mock_data(num_examples=16):
+        metrics = run_trial(cfg, local=True, storage_path=None).metrics
+    # The suite's ImageNet validation is the trial's own validation: same model, split and transform.
+    assert metrics["eval/imagenet/top1"] == pytest.approx(metrics["val/top1"])
+    assert {"eval/real/top1", "eval/v2/top5", "eval/r/top1", "eval/r200/top1", "eval/sketch/count"} <= set(metrics)
+    with pytest.raises(ValueError, match=r"Invalid eval_suite: 'custom' \(allowed: imagenet, cifar10, cifar100"):
+        cfg.replace(eval_suite="custom")
+
+
+def test_an_eval_suites_datasets_are_checked_before_any_trial(tmp_path):
+    from pf_sweep.preflight import check_datasets
+
+    cfg = TrialConfig(data_dir=str(tmp_path), eval_suite="cifar100")
+    with pytest.raises(ValueError, match=r"Invalid dataset: tfds/cifar100 is not prepared in .*Prepare it once with"):
+        check_datasets([cfg], on_cluster=False)
+    check_datasets([cfg.replace(eval_suite=None)], on_cluster=False)  # digits alone needs nothing prepared
