@@ -155,11 +155,12 @@ def _alive_train_workers() -> list:
     """The Train worker actors alive in this test's Ray (other Ray instances may run on the machine)."""
     import ray
     from ray.util.state import list_actors
+    from ray.util.state.exception import ServerUnavailable
 
     filters = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
     try:
         return list_actors(address=ray.get_runtime_context().gcs_address, filters=filters, raise_on_missing_output=False)
-    except ConnectionError:  # the State API's dashboard not reachable yet (a loaded machine): ask again
+    except (ConnectionError, ServerUnavailable):  # the State API's dashboard not up yet (a loaded machine): ask again
         return []
 
 
