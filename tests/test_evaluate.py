@@ -138,8 +138,17 @@ def test_a_target_that_is_neither_checkpoint_nor_sweep_exits_2(tmp_path, capsys)
     assert exit_.value.code == 2 and "neither a checkpoint (no state.pt) nor a sweep" in capsys.readouterr().err
 
 
+@pytest.fixture
+def own_ray():
+    """The local Ray evaluate_sweep starts in this process, shut down afterwards (not left to other modules)."""
+    import ray
+
+    yield
+    ray.shutdown()
+
+
 @pytest.mark.ray
-def test_a_sweeps_final_checkpoints_are_evaluated_on_ray_and_load_sweep_shows_them(tmp_path, capsys):
+def test_a_sweeps_final_checkpoints_are_evaluated_on_ray_and_load_sweep_shows_them(tmp_path, capsys, own_ray):
     import os
     import subprocess
     import sys

@@ -140,6 +140,8 @@ def local_ray():
     ray = pytest.importorskip("ray")
     from pf_sweep.trial import ensure_ray
 
+    if ray.is_initialized():  # another module's Ray, perhaps without a dashboard
+        ray.shutdown()
     ensure_ray(num_cpus=4, verbose=False)  # dashboard on: the State API below lists the Train workers
     yield ray
     ray.shutdown()

@@ -439,7 +439,16 @@ def fake_sweep(root: Path, space: str, runs: dict[str, tuple[torch.nn.Module, bo
     return sweep
 
 
-def test_a_chained_run_starts_from_its_source_with_the_head_the_release_gives_it(tmp_path):
+# Per CIFAR preset, two runs and the trial directory (in fake_sweep's order) their source sits in:
+# plain SGD from SAM runs for CIFAR-10, SAM fine-tuning from the vanilla runs for CIFAR-100.
+CHAINED = {
+    10: [("rn50_max2sgd", "00000"), ("vits32_obf2sgd", "00000")],
+    100: [("rn50_sgd2obf", "00001"), ("vits32_adamw2max", "00001")],
+}
+
+
+@pytest.mark.parametrize("classes", [10, 100])
+def test_a_chained_run_starts_from_its_source_with_the_head_the_release_gives_it(tmp_path, classes):
     import tensorflow_datasets as tfds
     import timm
 
@@ -450,29 +459,31 @@ def test_a_chained_run_starts_from_its_source_with_the_head_the_release_gives_it
     torch.manual_seed(0)
     resnet = timm.create_model("resnet50", num_classes=1000)
     vit = timm.create_model("vit_small_patch32_224", num_classes=1000, img_size=32, **VIT["model_kwargs"])
-    rn_sweep = fake_sweep(tmp_path, "paper_rn50", {"sam_max": (resnet, True), "vanilla": (resnet, False)})
-    vit_sweep = fake_sweep(tmp_path, "paper_vits32", {"sam_obf": (vit, True)})
-    space = search_spaces.get("paper_cifar10_finetune").with_runs(["rn50_max2sgd", "vits32_obf2sgd"])
+    rn_sweep = fake_sweep(tmp_path, "paper_rn50", {"sam_max": (resnet, True), "vanilla": (resnet, True)})
+    vit_sweep = fake_sweep(tmp_path, "paper_vits32", {"sam_obf": (vit, True), "vanilla": (vit, True)})
+    runs = CHAINED[classes]
+    space = search_spaces.get(f"paper_cifar{classes}_finetune").with_runs([run for run, _ in runs])
     chained = space.from_sweeps([str(rn_sweep), str(vit_sweep)])
-    assert chained.points["rn50_max2sgd"]["pretrained_path"] == str((rn_sweep / "runs/train-00000/checkpoint_000001").resolve())
-    assert chained.points["vits32_obf2sgd"]["pretrained_path"].endswith("train-00000/checkpoint_000001")
+    for (run, trial), sweep in zip(runs, (rn_sweep, vit_sweep), strict=True):
+        assert chained.points[run]["pretrained_path"] == str((sweep / f"runs/train-{trial}/checkpoint_000001").resolve())
 
-    info = DatasetInfo(name="c", num_classes=10, in_chans=3, image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, splits=())
+    info = DatasetInfo(name="c", num_classes=classes, in_chans=3, image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, splits=())
     shrink = {"img_size": 32, "epochs": 1, "warmup_epochs": 0, "batch_size": 8, "train_eval_size": 8}
-    for run, source in (("rn50_max2sgd", resnet), ("vits32_obf2sgd", vit)):
-        settings = SweepSettings(num_samples=1, max_concurrent=1, overrides=shrink)
+    for (run, _), source in zip(runs, (resnet, vit), strict=True):
+        overrides = {**shrink, "sharpness_m": 4} if "2sgd" not in run else shrink
+        settings = SweepSettings(num_samples=1, max_concurrent=1, overrides=overrides)
         cfg = TrialConfig.from_dict({**trial_base(chained, settings), **run_params(chained, run, settings)})
         model = build_model(cfg, info)
         head = model.get_classifier()
         body = {k: v for k, v in model.state_dict().items() if not k.startswith(("fc.", "head."))}
         source_state = source.state_dict()
         assert all(torch.equal(v, source_state[k]) for k, v in body.items()), run
-        assert head.weight.shape == (10, source.num_features)
+        assert head.weight.shape == (classes, source.num_features)
         if run.startswith("rn50"):  # PyTorch's Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
             assert 0 < head.weight.abs().max() <= 1 / math.sqrt(2048)
-        else:  # zero weights, bias -ln(10)
+        else:  # zero weights, bias -ln(classes)
             assert torch.count_nonzero(head.weight) == 0
-            torch.testing.assert_close(head.bias, torch.full((10,), -math.log(10)))
+            torch.testing.assert_close(head.bias, torch.full((classes,), -math.log(classes)))
         with tfds.testing.mock_data(num_examples=16):
             result = run_trial(cfg, local=True, storage_path=None)
         assert result.metrics["step"] == 2 and math.isfinite(result.metrics["train/loss"])
