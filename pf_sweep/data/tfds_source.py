@@ -205,12 +205,13 @@ def _quiet_absl() -> Iterator[None]:
 
 
 def _builder(name: str, data_dir: str | None) -> Any:
-    return _cached_builder(name, data_dir, _served_by_mock_data())
+    return _cached_builder(name, data_dir, _mock_context())
 
 
 @functools.cache
-def _cached_builder(name: str, data_dir: str | None, mocked: bool) -> Any:
-    """``mocked`` is part of the key: a builder made under ``tfds.testing.mock_data`` never serves real reads."""
+def _cached_builder(name: str, data_dir: str | None, mock: object | None) -> Any:
+    """``mock`` (see ``_mock_context``) is part of the key: what one ``tfds.testing.mock_data`` served
+    is never served outside it, nor inside another one (with other examples)."""
     with _quiet_absl():  # TFDS warns about the very folders our errors explain
         return _checked_builder(name, data_dir)
 
@@ -246,6 +247,11 @@ def _checked_builder(name: str, data_dir: str | None) -> Any:
     return builder
 
 
+def _mock_context() -> object | None:
+    """The active ``tfds.testing.mock_data`` (its ``as_data_source``, a new function per context), or None."""
+    return tfds.core.DatasetBuilder.as_data_source if _served_by_mock_data() else None
+
+
 def _served_by_mock_data() -> bool:
     """Whether ``tfds.testing.mock_data`` is active: it replaces ``as_data_source`` with its own, which
     serves random records of the dataset's features whether or not (its default policy) metadata exists.
@@ -255,11 +261,11 @@ def _served_by_mock_data() -> bool:
 
 
 def _open(name: str, split: str, data_dir: str | None) -> Sequence:
-    return _cached_open(name, split, data_dir, _served_by_mock_data())
+    return _cached_open(name, split, data_dir, _mock_context())
 
 
 @functools.cache
-def _cached_open(name: str, split: str, data_dir: str | None, mocked: bool) -> Sequence:
+def _cached_open(name: str, split: str, data_dir: str | None, mock: object | None) -> Sequence:
     builder = _builder(name, data_dir)
     try:
         return builder.as_data_source(split=split, file_format=ARRAY_RECORD)
