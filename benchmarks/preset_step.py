@@ -26,15 +26,14 @@ from pf_sweep.losses import build_loss, build_perturbation
 from pf_sweep.models import build_model
 from pf_sweep.optim import SAM
 from pf_sweep.optim.build import build_optimizer
-from pf_sweep.sweep import SweepSettings, run_params, trial_base
+from pf_sweep.sweep import SweepSettings, run_config
 
 IMAGENET_TRAIN = 1_281_167
 
 
 def resolved(preset: str, run: str, workers: int, overrides: dict) -> TrialConfig:
-    space = search_spaces.get(preset).with_runs([run])
     settings = SweepSettings(num_samples=1, max_concurrent=1, workers_per_trial=workers, overrides=overrides)
-    return TrialConfig.from_dict({**trial_base(space, settings), **run_params(space, run, settings)})
+    return run_config(search_spaces.get(preset).with_runs([run]), run, settings)
 
 
 def main() -> None:

@@ -90,16 +90,20 @@ def score(logits, labels, class_subset=None) -> dict[str, float]:
     return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "count": float(n)}
 
 
+def _check_size(size: str | int) -> None:
+    if not (str(size).isdigit() or size in ("release", "train")):
+        raise ValueError(f"Invalid --size {size!r} (allowed: release, train, or a number of pixels)")
+
+
 def eval_resolution(cfg, model, size: str | int, native: int = 224) -> int:
     """The evaluation image side: the release's (timm's test size, else training), training, or given.
     ``native``: the dataset's own size, what training used when ``cfg.img_size`` is None."""
+    _check_size(size)
     if str(size).isdigit():
         return int(size)
     train = cfg.img_size or native
     if size == "train":
         return train
-    if size != "release":
-        raise ValueError(f"Invalid --size {size!r} (allowed: release, train, or a number of pixels)")
     test = (getattr(model, "pretrained_cfg", None) or {}).get("test_input_size")
     return int(test[-1]) if test else train
 
@@ -279,8 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     options = {"sets": sets, "size": args.size, "data_dir": args.data_dir, "batch_size": args.batch_size}
     try:
         _chosen_sets(args.suite, sets)
-        if not (str(args.size).isdigit() or args.size in ("release", "train")):
-            raise ValueError(f"Invalid --size {args.size!r} (allowed: release, train, or a number of pixels)")
+        _check_size(args.size)
         if (target / "state.pt").is_file():
             results = {str(target): evaluate_checkpoint(target, args.suite, **options)}
         elif (target / "sweep.json").is_file():

@@ -130,19 +130,25 @@ def trial_base(space: Space, settings: SweepSettings) -> dict[str, Any]:
     )
     if settings.gpus_per_worker > 0:
         base["gpus_per_worker"] = settings.gpus_per_worker
-    global_batch = getattr(space, "global_batch", None)
-    overridden = {"batch_size", "grad_accum_steps"} & set(settings.overrides or {})
-    if global_batch and not overridden:  # an explicit --set batch_size / grad_accum_steps wins
-        from search_spaces.base import resolve_global_batch
-
-        most = space.base.get("batch_size", TrialConfig.batch_size)
-        base["batch_size"], base["grad_accum_steps"] = resolve_global_batch(global_batch, settings.workers_per_trial, most)
+    base.update(_global_batch_split(space, settings, space.base.get("batch_size", TrialConfig.batch_size)))
     if getattr(space, "points", None) is None:
         TrialConfig.from_dict(base)  # fail here, before any Ray work, if the fixed part is invalid
     else:  # a preset's runs complete its base: each run is checked, with --set on top
         for run in space.points:
             TrialConfig.from_dict({**base, **run_params(space, run, settings)})
     return base
+
+
+def _global_batch_split(space: Space, settings: SweepSettings, most: int) -> dict[str, int]:
+    """batch_size and grad_accum_steps making up the space's global batch on this many workers, with
+    at most ``most`` examples per worker; nothing without a global batch or when --set gives either."""
+    global_batch = getattr(space, "global_batch", None)
+    if not global_batch or {"batch_size", "grad_accum_steps"} & set(settings.overrides or {}):
+        return {}
+    from search_spaces.base import resolve_global_batch
+
+    batch, accum = resolve_global_batch(global_batch, settings.workers_per_trial, most)
+    return {"batch_size": batch, "grad_accum_steps": accum}
 
 
 def run_params(space: Space, run: str, settings: SweepSettings) -> dict[str, Any]:
@@ -152,14 +158,14 @@ def run_params(space: Space, run: str, settings: SweepSettings) -> dict[str, Any
     preset's global batch.
     """
     params = space.point(run)
-    global_batch = getattr(space, "global_batch", None)
-    overridden = {"batch_size", "grad_accum_steps"} & set(settings.overrides or {})
-    if global_batch and "batch_size" in params and not overridden:
-        from search_spaces.base import resolve_global_batch
-
-        batch = resolve_global_batch(global_batch, settings.workers_per_trial, params["batch_size"])
-        params["batch_size"], params["grad_accum_steps"] = batch
+    if "batch_size" in params:
+        params.update(_global_batch_split(space, settings, params["batch_size"]))
     return {**params, **(settings.overrides or {})}
+
+
+def run_config(space: Space, run: str, settings: SweepSettings) -> TrialConfig:
+    """The TrialConfig a sweep with ``settings`` trains for the preset run ``run``."""
+    return TrialConfig.from_dict({**trial_base(space, settings), **run_params(space, run, settings)})
 
 
 def named_run_points(space: Space, settings: SweepSettings, base: dict[str, Any]) -> tuple[list[dict], dict[str, Any]]:

@@ -22,7 +22,7 @@ import torch
 
 import search_spaces
 from pf_sweep.config import TrialConfig
-from pf_sweep.sweep import SweepSettings, run_params, trial_base
+from pf_sweep.sweep import SweepSettings, run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ["paper_rn50", "paper_rn101", "paper_vits32", "paper_vits16"]
@@ -145,7 +145,7 @@ def resolved(preset: str, run: str, workers: int = 1, **overrides) -> TrialConfi
     """The run's config as a sweep with these --set overrides would train it."""
     space = search_spaces.get(preset).with_runs([run])
     settings = SweepSettings(num_samples=1, max_concurrent=1, workers_per_trial=workers, overrides=overrides)
-    return TrialConfig.from_dict({**trial_base(space, settings), **run_params(space, run, settings)})
+    return run_config(space, run, settings)
 
 
 # ------------------------------------------------------------------------------ the values
@@ -472,7 +472,7 @@ def test_a_chained_run_starts_from_its_source_with_the_head_the_release_gives_it
     for (run, _), source in zip(runs, (resnet, vit), strict=True):
         overrides = {**shrink, "sharpness_m": 4} if "2sgd" not in run else shrink
         settings = SweepSettings(num_samples=1, max_concurrent=1, overrides=overrides)
-        cfg = TrialConfig.from_dict({**trial_base(chained, settings), **run_params(chained, run, settings)})
+        cfg = run_config(chained, run, settings)
         model = build_model(cfg, info)
         head = model.get_classifier()
         body = {k: v for k, v in model.state_dict().items() if not k.startswith(("fc.", "head."))}
