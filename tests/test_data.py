@@ -103,6 +103,26 @@ def test_digits_train_and_validation_partition_all_1797_examples(digits, sklearn
     assert sum(sklearn_digits.values()) == 1797
 
 
+def test_digits_read_without_scikit_learn_equal_load_digits_and_the_fallback(monkeypatch):
+    from pf_sweep.data import builtin
+
+    bunch = load_digits()
+    images, target = builtin._digits_arrays()
+    assert np.array_equal(images, bunch.images) and np.array_equal(target, bunch.target)
+    monkeypatch.setattr(builtin.importlib.util, "find_spec", lambda name: None)  # a layout without the CSV
+    images, target = builtin._digits_arrays()
+    assert np.array_equal(images, bunch.images) and np.array_equal(target, bunch.target)
+
+
+def test_loading_digits_does_not_import_scikit_learn():
+    import subprocess
+    import sys
+
+    code = "import sys; from pf_sweep.data import get_source; get_source('digits').split('train', None); print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_digits_info_describes_one_channel_8x8_ten_classes(digits):
     info = digits.info(None)
     assert (info.num_classes, info.in_chans, info.image_size) == (10, 1, 8)
@@ -373,6 +393,17 @@ def test_augmentation_leaves_the_global_rngs_untouched(synthetic_train):
     synthetic_train[(5, 1)]
     assert torch.equal(torch.get_rng_state(), torch_state)
     assert random.getstate() == py_state
+
+
+def test_augmentation_equals_the_transform_run_after_seeding_the_global_rngs(synthetic_train):
+    index, epoch = 6, 3
+    seed = hash((synthetic_train.seed, epoch, index)) & 0x7FFF_FFFF_FFFF
+    image, label = synthetic_train.split[index]
+    random.seed(seed)
+    torch.manual_seed(seed)
+    expected = synthetic_train.transform(image)
+    got, got_label = synthetic_train[(index, epoch)]
+    assert torch.equal(got, expected) and got_label == label
 
 
 def test_augmentation_differs_between_epochs(synthetic_train):

@@ -15,7 +15,9 @@ measures how much a model relies on the cue.
 from __future__ import annotations
 
 import functools
+import importlib.util
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -50,13 +52,29 @@ def _select(split: ArraySplit, start: str | None, stop: str | None) -> ArraySpli
     return ArraySplit(split.images[idx], split.labels[idx])
 
 
-@functools.cache
-def _digits_partition() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    from sklearn.datasets import load_digits
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits: images (N, 8, 8) with values 0..16, and labels.
+
+    Read straight from the CSV scikit-learn ships (what ``load_digits`` parses), without importing
+    scikit-learn: its import takes about a second, paid by every trial process that loads digits.
+    """
+    spec = importlib.util.find_spec("sklearn")  # locates the package, runs none of it
+    if spec is not None and spec.submodule_search_locations:
+        csv = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+        if csv.is_file():
+            table = np.loadtxt(csv, delimiter=",")
+            return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits  # another layout: let scikit-learn find its file
 
     bunch = load_digits()
-    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
-    labels = bunch.target.astype(np.int64)
+    return bunch.images, bunch.target
+
+
+@functools.cache
+def _digits_partition() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    pixels, target = _digits_arrays()
+    images = np.round(pixels * (255.0 / 16.0)).astype(np.uint8)
+    labels = target.astype(np.int64)
     order = np.random.RandomState(DIGITS_SPLIT_SEED).permutation(len(labels))
     n_train = int(0.8 * len(labels))
     return {

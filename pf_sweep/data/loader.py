@@ -69,10 +69,15 @@ class ShardedSampler(Sampler):
 
 @contextlib.contextmanager
 def _seeded_rngs(seed: int) -> Iterator[None]:
-    """Seed Python's and torch's global RNGs (which timm/torchvision transforms draw from), then restore."""
+    """Seed Python's and torch's global CPU RNGs (which timm/torchvision transforms draw from), then restore.
+
+    ``torch.default_generator``, not ``torch.manual_seed``: that one also reseeds every CUDA device
+    (which ``set_rng_state`` would not restore, so on a GPU the training's CUDA stream would be
+    reseeded by every example), and records a stack trace per call while CUDA is not initialized.
+    """
     py_state, torch_state = random.getstate(), torch.get_rng_state()
     random.seed(seed)
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
     try:
         yield
     finally:
