@@ -118,7 +118,8 @@ def test_loading_digits_does_not_import_scikit_learn():
     import subprocess
     import sys
 
-    code = "import sys; from pf_sweep.data import get_source; get_source('digits').split('train', None); print('sklearn' in sys.modules)"
+    code = "import sys; from pf_sweep.data import get_source; get_source('digits').split('train', None)"
+    code += "; print('sklearn' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
