@@ -80,7 +80,7 @@ def _first_line(err: BaseException) -> str:
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, *, verbose: bool = True, dashboard: bool = True) -> None:
-    """Join ``address`` (e.g. "auto" or "host:port"), or start a new local Ray on 127.0.0.1 sized to this machine.
+    """Join ``address`` (e.g. "auto" or "host:port"), or start a new local Ray sized to this machine.
 
     Without an address a new local instance is always started (``address="local"``), even where a
     cluster from ``ray start`` runs or left its address behind: joining it by accident would share
@@ -90,7 +90,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, *, verbo
     ``verbose=False`` keeps the workers' output and Ray's own info lines off the console; they stay in
     Ray's session logs. ``dashboard=False`` skips the dashboard, which only Ray Train worker groups
     need (their placement-group cleaner uses its State API); a sweep whose trials all run in their Tune
-    actors starts faster without it.
+    actors starts faster without it. The dashboard's HTTP port (the Jobs API, which runs code) listens
+    on 127.0.0.1 only. Ray's gRPC servers listen on every interface whatever the node address (Ray
+    replaces a loopback ``node_ip_address`` by the machine's own), behind Ray's token authentication.
     """
     imported = "ray" in sys.modules
     late = bool(address) and present_auth_token() and imported
@@ -118,7 +120,6 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, *, verbo
         num_cpus=num_cpus or os.cpu_count(),
         include_dashboard=dashboard,
         dashboard_host="127.0.0.1",
-        _node_ip_address="127.0.0.1",
         log_to_driver=verbose,
         **quiet,
     )

@@ -1,5 +1,6 @@
-"""Safe by default: no checkpoint can run code, a local sweep listens on loopback only, and nothing
-secret or personal lands in what a sweep stores.
+"""Safe by default: no checkpoint can run code, a local sweep's dashboard listens on loopback only and
+every port it opens refuses a job without the token, and nothing secret or personal lands in what a
+sweep stores.
 
 The bad-input table (a pickled-code ``pretrained_path`` refused before Ray, among others) lives with
 the other refusals; here the payload is one that really runs code when unpickled, and the test
@@ -109,6 +110,8 @@ def test_resuming_a_trial_from_a_pickled_code_checkpoint_is_refused_and_never_ru
 # Who a listening socket belongs to, from its process's command line (Ray renames its workers "ray::...").
 _ROLES = (
     ("dashboard_agent", "dashboard/agent.py"),
+    ("dashboard_agent", "ray::DashboardAgent"),
+    ("runtime_env_agent", "ray::RuntimeEnvAgent"),
     ("dashboard", "dashboard/dashboard.py"),
     ("runtime_env_agent", "runtime_env/agent/main.py"),
     ("gcs_server", "/gcs/gcs_server"),
@@ -140,6 +143,31 @@ def _listening(processes) -> set[tuple[str, int, str]]:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return out
+
+
+def _submit_without_token(listening, marker: Path) -> dict[tuple[str, int, str], object]:
+    """POST a job that would create ``marker`` to every listening port without a token, on Ray's Jobs
+    API route (the dashboard's) and its job-agent route (the dashboard agent's): each answer's HTTP
+    status, or the error a port that does not speak HTTP/1.1 (gRPC) gives."""
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"entrypoint": f"touch {marker}", "submission_id": "pf-unauthenticated"}).encode()
+    headers = {"Content-Type": "application/json"}
+    answers: dict[tuple[str, int, str], object] = {}
+    for ip, port, _ in sorted(listening):
+        host = "127.0.0.1" if ip in ("0.0.0.0", "::") else f"[{ip}]" if ":" in ip else ip
+        for route in ("/api/jobs/", "/api/job_agent/jobs/"):
+            request = urllib.request.Request(f"http://{host}:{port}{route}", data=body, headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=2) as reply:
+                    answers[(ip, port, route)] = reply.status
+            except urllib.error.HTTPError as err:
+                answers[(ip, port, route)] = err.code
+            except (OSError, http.client.HTTPException) as err:
+                answers[(ip, port, route)] = type(err).__name__
+    return answers
 
 
 def _auth_mode(processes) -> str | None:
@@ -189,13 +217,18 @@ def interrupted_sweep(tmp_path_factory):
     driver = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     runs, listening, deadline = storage / "safe" / "runs", set(), time.monotonic() + 240
     seen: set[psutil.Process] = set()
-    auth_mode = None
+    auth_mode, answers, marker = None, None, tmp_path / "job-ran"
     try:
         while time.monotonic() < deadline and driver.poll() is None:
             tree = [psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)]
             seen |= set(tree)
             listening |= _listening(tree)
             auth_mode = auth_mode or _auth_mode(tree)
+            roles = {role for _, _, role in listening}
+            if answers is None and {"dashboard", "dashboard_agent"} <= roles:
+                time.sleep(1.0)  # let the agent open its HTTP port too
+                listening |= _listening(tree)
+                answers = _submit_without_token(listening, marker)
             # Once Ray Train has recorded a checkpoint (its snapshot), not merely stored its files. Any: it
             # keeps the two newest, so a poll that came late never saw checkpoint_000000 there.
             if any('"checkpoint_dir_name"' in p.read_text() for p in runs.glob("train-*/checkpoint_manager_snapshot.json")):
@@ -206,7 +239,8 @@ def interrupted_sweep(tmp_path_factory):
     log.close()
     assert driver.returncode == -signal.SIGKILL, (tmp_path / "driver.log").read_text()[-3000:]
     out = {"cmd": cmd, "env": env, "cwd": tmp_path, "home": home, "sweep_dir": storage / "safe", "listening": listening}
-    return {**out, "auth_mode": auth_mode}
+    time.sleep(2.0 if answers else 0.0)  # a job that was accepted would have run by now
+    return {**out, "auth_mode": auth_mode, "answers": answers, "job_ran": marker.exists()}
 
 
 @pytest.mark.ray
@@ -223,6 +257,21 @@ def test_a_local_sweep_keeps_its_dashboard_on_loopback_and_its_cluster_behind_a_
     assert http == {"127.0.0.1"}, f"the dashboard's HTTP port is not on loopback alone: {sorted(listening)}"
     assert interrupted_sweep["auth_mode"] == "token", "the local cluster started without token authentication"
     assert (interrupted_sweep["home"] / ".ray" / "auth_token").read_text().strip(), "no token was generated"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_every_port_of_a_local_sweep_refuses_a_job_without_the_token(interrupted_sweep):
+    # What Ray leaves on every interface (gRPC, the agent's HTTP port, metrics) must not run code for
+    # whoever reaches it: a job submitted without the token is refused on every listening port.
+    answers = interrupted_sweep["answers"]
+    assert answers, "the dashboard and its agent were never seen listening"
+    accepted = {where: status for where, status in answers.items() if isinstance(status, int) and status < 300}
+    assert not accepted, f"ports that accepted a job without the token: {accepted}"
+    refused = {(ip, port) for (ip, port, _), status in answers.items() if status == 401}
+    assert ("127.0.0.1", DASHBOARD_PORT) in refused, answers
+    assert len(refused) >= 2, f"the dashboard agent's HTTP port did not ask for the token: {answers}"
+    assert not interrupted_sweep["job_ran"], "an unauthenticated job ran"
 
 
 @pytest.mark.ray
