@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -368,6 +370,67 @@ def test_a_named_run_sweep_trains_the_chosen_runs_once_each_with_set_on_top(tmp_
     assert trials.loc["sam_big", "method"] == "sam" and trials.loc["plain", "method"] == "sgd"
     assert set(trials["rho"]) == {0.3}  # --set wins over sam_big's own 0.5
     assert set(trials["batch_size"]) == {32} and set(trials["grad_accum_steps"]) == {2}  # 64 = 1 x 32 x 2
+
+
+def _finished_and_running(runs: Path, last_epoch: int) -> tuple[set[Path], set[Path]]:
+    """Run directories whose last epoch is stored, and those with an earlier epoch only."""
+    finished, running = set(), set()
+    for run in runs.glob("train-*"):
+        epochs = [int(c.name.split("_")[1]) for c in run.glob("checkpoint_*") if (c / "metrics.json").exists()]
+        if epochs:
+            (finished if max(epochs) == last_epoch else running).add(run)
+    return finished, running
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize(
+    ("flags", "sweep"),
+    [
+        (["--runs", "plain,sam_small,sam_big"], "named"),
+        (["--runs", "sam_small", "--search", "rho", "--num-samples", "3"], "named_sam_small_search"),
+    ],
+    ids=["named-runs", "search"],
+)
+def test_a_killed_named_run_or_search_sweep_resumes_each_trial_once(tmp_path, flags, sweep):
+    # SIGKILL the driver's process group once one trial has finished and the next has stored an
+    # epoch; --resume must not run a named run (or the search's own first point) a second time.
+    from analysis import load_sweep
+
+    (tmp_path / "named.py").write_text(NAMED_SPACE)
+    epochs = 3
+    args = ["--space", str(tmp_path / "named.py"), "--storage", str(tmp_path), *flags, "--max-concurrent", "1"]
+    args += ["--set", f"epochs={epochs}", "--set", "train_split=train[:640]", "--max-failures", "0"]
+    cmd, env = [sys.executable, str(ROOT / "run_sweep.py"), *args], {**os.environ, "PYTHONPATH": str(ROOT)}
+    driver = subprocess.Popen(
+        cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    runs, deadline = tmp_path / sweep / "runs", time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and driver.poll() is None:
+            finished, running = _finished_and_running(runs, epochs - 1)
+            if finished and running:
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert finished and running, "never saw one finished and one running trial before the deadline"
+    trained = {run.name: (run / f"checkpoint_{epochs - 1:06d}" / "state.pt").stat().st_mtime_ns for run in finished}
+
+    resume = [sys.executable, str(ROOT / "run_sweep.py"), "--storage", str(tmp_path), "--name", sweep, "--resume"]
+    proc = subprocess.run(resume, capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trials = load_sweep(tmp_path / sweep)
+    assert len(trials) == 3 and set(trials["status"]) == {"TERMINATED"} and set(trials["epochs_done"]) == {epochs}
+    if sweep == "named":
+        assert sorted(trials["run_name"]) == ["plain", "sam_big", "sam_small"]
+        by_run = trials.set_index("run_name")
+        assert list(by_run.loc[["plain", "sam_small", "sam_big"], "method"]) == ["sgd", "sam", "sam"]
+        assert list(by_run.loc[["sam_small", "sam_big"], "rho"]) == [0.01, 0.5]
+    else:
+        assert set(trials["run_name"]) == {"sam_small"} and list(trials["rho"]).count(0.01) == 1  # its own point, once
+    for name, mtime in trained.items():
+        assert (runs / name / f"checkpoint_{epochs - 1:06d}" / "state.pt").stat().st_mtime_ns == mtime, f"{name} trained again"
 
 
 # ------------------------------------------------------------------------------ CIFAR fine-tuning
