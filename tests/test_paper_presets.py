@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import sigkill_sweep_mid_trial
 
 import search_spaces
 from pf_sweep.config import TrialConfig
@@ -372,16 +371,6 @@ def test_a_named_run_sweep_trains_the_chosen_runs_once_each_with_set_on_top(tmp_
     assert set(trials["batch_size"]) == {32} and set(trials["grad_accum_steps"]) == {2}  # 64 = 1 x 32 x 2
 
 
-def _finished_and_running(runs: Path, last_epoch: int) -> tuple[set[Path], set[Path]]:
-    """Run directories whose last epoch is stored, and those with an earlier epoch only."""
-    finished, running = set(), set()
-    for run in runs.glob("train-*"):
-        epochs = [int(c.name.split("_")[1]) for c in run.glob("checkpoint_*") if (c / "metrics.json").exists()]
-        if epochs:
-            (finished if max(epochs) == last_epoch else running).add(run)
-    return finished, running
-
-
 @pytest.mark.ray
 @pytest.mark.parametrize(
     ("flags", "sweep"),
@@ -401,20 +390,8 @@ def test_a_killed_named_run_or_search_sweep_resumes_each_trial_once(tmp_path, fl
     args = ["--space", str(tmp_path / "named.py"), "--storage", str(tmp_path), *flags, "--max-concurrent", "1"]
     args += ["--set", f"epochs={epochs}", "--set", "train_split=train[:640]", "--max-failures", "0"]
     cmd, env = [sys.executable, str(ROOT / "run_sweep.py"), *args], {**os.environ, "PYTHONPATH": str(ROOT)}
-    driver = subprocess.Popen(
-        cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    runs, deadline = tmp_path / sweep / "runs", time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline and driver.poll() is None:
-            finished, running = _finished_and_running(runs, epochs - 1)
-            if finished and running:
-                break
-            time.sleep(0.05)
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
-    assert finished and running, "never saw one finished and one running trial before the deadline"
+    runs = tmp_path / sweep / "runs"
+    finished, _ = sigkill_sweep_mid_trial(cmd, env=env, runs=runs, last_epoch=epochs - 1, cwd=tmp_path)
     trained = {run.name: (run / f"checkpoint_{epochs - 1:06d}" / "state.pt").stat().st_mtime_ns for run in finished}
 
     resume = [sys.executable, str(ROOT / "run_sweep.py"), "--storage", str(tmp_path), "--name", sweep, "--resume"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import fake_ray_path
+from conftest import fake_ray_path, sigkill_sweep_mid_trial
 
 import search_spaces
 from pf_sweep import TrialConfig
@@ -170,15 +170,6 @@ def test_four_trial_sweep_finishes_and_reports_the_best_stored_trial(tmp_path, e
     assert "4/4 done, best val/top1" in proc.stderr
 
 
-def _finished_and_running(runs: Path, last_epoch: int) -> tuple[list[Path], list[Path]]:
-    finished, running = [], []
-    for run in runs.glob("train-*"):
-        epochs = [int(c.name.split("_")[1]) for c in run.glob("checkpoint_*") if (c / "metrics.json").exists()]
-        if epochs:
-            (finished if max(epochs) == last_epoch else running).append(run)
-    return finished, running
-
-
 def _tune_epochs(sweep_dir: Path) -> dict[str, list[int]]:
     """Epochs each Tune trial reported, in order (Tune's own result.json per trial)."""
     out = {}
@@ -199,18 +190,7 @@ def test_killed_sweep_driver_resumes_without_losing_or_repeating_trials(tmp_path
     args += ["--set", "train_split=train[:640]"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(ROOT / "run_sweep.py"), "--storage", str(storage), *args]
-    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    runs, deadline = storage / "k" / "runs", time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline and driver.poll() is None:
-            finished, running = _finished_and_running(runs, epochs - 1)
-            if finished and running:
-                break
-            time.sleep(0.05)
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
-    assert finished and running, "never saw one finished and one running trial before the deadline"
+    finished, running = sigkill_sweep_mid_trial(cmd, env=env, runs=storage / "k" / "runs", last_epoch=epochs - 1)
     before = _tune_epochs(storage / "k")
     trained = {run: (run / f"checkpoint_{epochs - 1:06d}" / "state.pt").stat().st_mtime_ns for run in finished}
 

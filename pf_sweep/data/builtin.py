@@ -53,7 +53,7 @@ def _select(split: ArraySplit, start: str | None, stop: str | None) -> ArraySpli
 
 
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's bundled digits: images (N, 8, 8) with values 0..16, and labels.
+    """scikit-learn's bundled digits: images (N, 8, 8) with values 0..16, and int64 labels.
 
     Read straight from the CSV scikit-learn ships (what ``load_digits`` parses), without importing
     scikit-learn: its import takes about a second, paid by every trial process that loads digits.
@@ -67,14 +67,13 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits  # another layout: let scikit-learn find its file
 
     bunch = load_digits()
-    return bunch.images, bunch.target
+    return bunch.images, bunch.target.astype(np.int64)
 
 
 @functools.cache
 def _digits_partition() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    pixels, target = _digits_arrays()
+    pixels, labels = _digits_arrays()
     images = np.round(pixels * (255.0 / 16.0)).astype(np.uint8)
-    labels = target.astype(np.int64)
     order = np.random.RandomState(DIGITS_SPLIT_SEED).permutation(len(labels))
     n_train = int(0.8 * len(labels))
     return {
