@@ -49,6 +49,16 @@ print(json.dumps({"wall": time.perf_counter() - t0, "loop": loop}))
 """
 
 
+def trial_actor_processes() -> list[psutil.Process]:
+    """This machine's Tune trial actors (function trainables), found by the process title Ray gives them."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "ray::ImplicitFunc" in cmd or "ray::_WrappedFunc" in cmd:
+            found.append(proc)
+    return found
+
+
 class RssSampler(threading.Thread):
     """Peak RSS of a process tree: the driver, and each trial actor (``ray::ImplicitFunc``) over time."""
 
@@ -63,10 +73,8 @@ class RssSampler(threading.Thread):
         while not self.stop.is_set():
             try:
                 self.driver_peak = max(self.driver_peak, self.root.memory_info().rss)
-                for proc in psutil.process_iter(["pid", "cmdline"]):
-                    cmd = " ".join(proc.info["cmdline"] or [])
-                    if "ray::ImplicitFunc" in cmd or "ray::_WrappedFunc" in cmd:
-                        self.actor_series.setdefault(proc.pid, []).append(proc.memory_info().rss)
+                for proc in trial_actor_processes():
+                    self.actor_series.setdefault(proc.pid, []).append(proc.memory_info().rss)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
             self.stop.wait(0.5)

@@ -27,7 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
+from sweep_executors import trial_actor_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 2**20
@@ -45,7 +47,7 @@ def sweep_series(trials: int, epochs: int, storage: Path) -> tuple[list[float], 
     while proc.poll() is None:
         done = sum((run / last / "metrics.json").exists() for run in runs.glob("train-*"))
         if done > len(actor):
-            rss = [p.memory_info().rss for p in _trial_actors()]
+            rss = [p.memory_info().rss for p in trial_actor_processes()]
             try:
                 driver.append(psutil.Process(proc.pid).memory_info().rss / MB)
             except psutil.NoSuchProcess:
@@ -56,14 +58,6 @@ def sweep_series(trials: int, epochs: int, storage: Path) -> tuple[list[float], 
     if proc.returncode != 0:
         raise SystemExit(f"the sweep failed:\n{err[-3000:]}")
     return actor, driver
-
-
-def _trial_actors() -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if "ray::ImplicitFunc" in " ".join(proc.info["cmdline"] or []):
-            found.append(proc)
-    return found
 
 
 def loop_series(trials: int, epochs: int) -> list[float]:
@@ -91,10 +85,7 @@ def per_trial_growth(series: list[float]) -> float:
     over. A fitted slope, not last minus middle, since one sample moves by a few MB with the moment
     in the next trial's start-up at which it is taken."""
     half = series[len(series) // 2 :]
-    xs = range(len(half))
-    x_mean, y_mean = (len(half) - 1) / 2, sum(half) / len(half)
-    cov = sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, half, strict=True))
-    return cov / max(1e-12, sum((x - x_mean) ** 2 for x in xs))
+    return float(np.polyfit(np.arange(len(half)), half, 1)[0])
 
 
 def main() -> None:
