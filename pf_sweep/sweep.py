@@ -17,6 +17,7 @@ through pyarrow filesystems, like Ray itself does.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -44,6 +45,8 @@ from pf_sweep.trial import ensure_ray
 logger = logging.getLogger(__name__)
 SWEEP_FILE = "sweep.json"
 OPTUNA_FILE = "optuna.db"
+NO_DEFAULT_LOGGERS_ENV = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"  # Tune's switch for its default loggers
+EXPLICIT_LOGGERS_KEY = "explicit_loggers"  # in sweep.json: the sweep's callbacks name every logger it uses
 # --log choice -> (package that must be importable, what to install).
 LOGGERS = {"tensorboard": "tensorboardX", "wandb": "wandb", "mlflow": "mlflow"}
 
@@ -269,9 +272,15 @@ def _scheduler(space: Space, settings: SweepSettings, base: dict[str, Any]):
 
 
 def _callbacks(settings: SweepSettings, space: Space, sweep_dir: StoragePath, name: str, total: int) -> list[Any]:
+    """The progress line, Tune's two file loggers (``result.json``, ``progress.csv``) and the ``--log`` trackers.
+
+    The file loggers are listed here because Tune's own defaults are turned off (``_tune_loggers_as_given``).
+    """
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
     from pf_sweep.progress import SweepProgress
 
-    callbacks: list[Any] = [SweepProgress(space.metric, space.mode, total)]
+    callbacks: list[Any] = [SweepProgress(space.metric, space.mode, total), JsonLoggerCallback(), CSVLoggerCallback()]
     for logger_name in settings.loggers:
         if logger_name == "tensorboard":
             from ray.tune.logger import TBXLoggerCallback
@@ -287,6 +296,30 @@ def _callbacks(settings: SweepSettings, space: Space, sweep_dir: StoragePath, na
             uri = os.environ.get("MLFLOW_TRACKING_URI") or (f"file://{sweep_dir / 'mlruns'}" if sweep_dir.is_local else None)
             callbacks.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=name))
     return callbacks
+
+
+@contextlib.contextmanager
+def _tune_loggers_as_given(enabled: bool = True):
+    """Tune runs with the callbacks it is given, without adding its default loggers.
+
+    Unasked, Tune adds a TensorBoard logger to every sweep: it imports tensorboardX, and with it torch,
+    into the driver (which otherwise never imports torch) and writes event files into every trial's
+    directory. ``--log tensorboard`` asks for it. Tune reads the switch when ``fit()`` starts, so it is
+    set around that call only. Sweeps stored before pf-sweep listed its loggers (no ``EXPLICIT_LOGGERS_KEY``
+    in sweep.json) resume with Tune's defaults, since their saved callbacks lack the two file loggers.
+    """
+    if not enabled:
+        yield
+        return
+    previous = os.environ.get(NO_DEFAULT_LOGGERS_ENV)
+    os.environ[NO_DEFAULT_LOGGERS_ENV] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(NO_DEFAULT_LOGGERS_ENV, None)
+        else:
+            os.environ[NO_DEFAULT_LOGGERS_ENV] = previous
 
 
 def trial_dirname(trial: Any) -> str:
@@ -362,6 +395,7 @@ def launch(
         "base": base,
         "optuna_storage": redact_url(storage_url),
         "trials": total,
+        EXPLICIT_LOGGERS_KEY: True,
     }
     in_actor = runs_in_actor(settings.executor, settings.workers_per_trial)
     ensure_sweep_ray(address, verbose=settings.verbose, worker_groups=not in_actor)
@@ -396,7 +430,8 @@ def launch(
     # Written once Tune has saved its own state (tuner.pkl, at construction): a sweep.json always
     # marks a sweep that `resume` can continue, and a launch that failed earlier can simply be rerun.
     (sweep_dir / SWEEP_FILE).write_text(json.dumps({**meta, "version": __version__}, indent=1))
-    return tuner.fit()
+    with _tune_loggers_as_given():
+        return tuner.fit()
 
 
 def _run_config(settings: SweepSettings, space: Space, sweep_dir: StoragePath, name: str, total: int, extra: Sequence[Any]):
@@ -478,7 +513,8 @@ def resume(sweep_path: str, *, address: str | None = None, verbose: bool = False
         resume_unfinished=True,
         resume_errored=True,
     )
-    return tuner.fit()
+    with _tune_loggers_as_given(bool(meta.get(EXPLICIT_LOGGERS_KEY))):
+        return tuner.fit()
 
 
 def ended_trials(results) -> int:

@@ -9,6 +9,8 @@ same name continues from its last checkpoint instead of starting over.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import json
 import logging
@@ -78,6 +80,22 @@ def _join_hint(late: bool) -> str:
     )
 
 
+def _kill_local_autoscaler_monitor() -> None:
+    """Kill the autoscaler monitor of the local Ray this process started, just before Ray stops it.
+
+    Ray 2.60's shutdown stops the GCS before the monitor, whose SIGTERM handler then tries to write
+    an error to the dead GCS until Ray kills it after a 1 s grace: every local sweep, trial and test
+    paid that second at exit. A local Ray's monitor has nothing left to do by then; SIGKILL skips its
+    handler. Only this process's own children are touched, and Ray still reaps the process.
+    """
+    import psutil
+
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            if any("/ray/autoscaler/" in part and part.endswith("monitor.py") for part in child.cmdline()):
+                child.kill()
+
+
 def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
@@ -126,6 +144,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, *, verbo
         log_to_driver=verbose,
         **quiet,
     )
+    # Runs before Ray's own exit handler, which ray registered when it was imported (atexit is LIFO).
+    atexit.unregister(_kill_local_autoscaler_monitor)
+    atexit.register(_kill_local_autoscaler_monitor)
 
 
 def build_trainer(

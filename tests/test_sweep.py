@@ -131,6 +131,8 @@ def test_four_trial_sweep_finishes_and_reports_the_best_stored_trial(tmp_path, e
     proc = subprocess.run(
         [
             sys.executable,
+            "-c",
+            DRIVER_MODULES,
             str(ROOT / "run_sweep.py"),
             "--executor",
             executor,
@@ -168,6 +170,23 @@ def test_four_trial_sweep_finishes_and_reports_the_best_stored_trial(tmp_path, e
     values = sorted(t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
     assert values == sorted(summary["val/top1"])
     assert "4/4 done, best val/top1" in proc.stderr
+    # Tune's file loggers, but no TensorBoard unless --log asks: Tune's default one imported torch
+    # into the driver (which only schedules) and wrote event files into every trial's directory.
+    assert all((sweep_dir / trial / "result.json").stat().st_size > 0 for trial in tune_trials)
+    assert all((sweep_dir / trial / "progress.csv").exists() for trial in tune_trials)
+    assert not list(sweep_dir.glob("trial-*/events.out.tfevents.*"))
+    assert "driver imported: []" in proc.stdout
+
+
+# Runs the script named by argv[1] as __main__, then prints which heavy modules the process imported.
+DRIVER_MODULES = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print("driver imported:", sorted({"torch", "timm", "tensorboardX"} & set(sys.modules)))
+"""
 
 
 def _tune_epochs(sweep_dir: Path) -> dict[str, list[int]]:
@@ -213,6 +232,7 @@ def test_killed_sweep_driver_resumes_without_losing_or_repeating_trials(tmp_path
         logged = before.get(trial_id, [])
         expected = logged if logged[-1:] == [epochs - 1] else [*logged, epochs - 1]
         assert after[trial_id] == expected, f"trial {trial_id}: {after[trial_id]} after {logged}"
+    assert not list((storage / "k").glob("trial-*/events.out.tfevents.*")), "the resumed sweep added Tune's default loggers"
     for run in running:
         # Tune keeps only the results after the restore; the first one must follow the checkpoint.
         trial_id = run.name.removeprefix("train-")
@@ -220,8 +240,23 @@ def test_killed_sweep_driver_resumes_without_losing_or_repeating_trials(tmp_path
         assert after[trial_id][0] >= 1, "the interrupted trial started over"
 
 
+def test_tunes_default_loggers_are_off_only_while_the_sweep_runs(monkeypatch):
+    from pf_sweep.sweep import NO_DEFAULT_LOGGERS_ENV, _tune_loggers_as_given
+
+    monkeypatch.delenv(NO_DEFAULT_LOGGERS_ENV, raising=False)
+    with _tune_loggers_as_given():
+        assert os.environ[NO_DEFAULT_LOGGERS_ENV] == "1"
+    assert NO_DEFAULT_LOGGERS_ENV not in os.environ
+    monkeypatch.setenv(NO_DEFAULT_LOGGERS_ENV, "0")
+    with _tune_loggers_as_given(enabled=False):  # a sweep stored before pf-sweep named its loggers
+        assert os.environ[NO_DEFAULT_LOGGERS_ENV] == "0"
+    with pytest.raises(RuntimeError), _tune_loggers_as_given():
+        raise RuntimeError("the sweep failed")
+    assert os.environ[NO_DEFAULT_LOGGERS_ENV] == "0"
+
+
 def test_log_flag_adds_the_tracker_callback_and_progress_counts_finished_trials(tmp_path, caplog):
-    from ray.tune.logger import TBXLoggerCallback
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 
     from pf_sweep.progress import SweepProgress
     from pf_sweep.storage import StoragePath
@@ -231,7 +266,7 @@ def test_log_flag_adds_the_tracker_callback_and_progress_counts_finished_trials(
     settings = SweepSettings(num_samples=3, max_concurrent=1, loggers=["tensorboard"])
     settings.validate()
     callbacks = _callbacks(settings, space, StoragePath.of(tmp_path), "s", 3)
-    assert [type(c) for c in callbacks] == [SweepProgress, TBXLoggerCallback]
+    assert [type(c) for c in callbacks] == [SweepProgress, JsonLoggerCallback, CSVLoggerCallback, TBXLoggerCallback]
 
     class FakeTrial:
         def __init__(self, trial_id, status="RUNNING"):

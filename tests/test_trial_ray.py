@@ -101,3 +101,28 @@ def test_uri_storage_keeps_checkpoints_and_history(ray_cluster, tmp_path):
     assert list(result.history["epoch"]) == [0.0, 1.0]
     assert (tmp_path / "store" / "uri").is_dir()
     assert any((tmp_path / "store" / "uri").glob("checkpoint_*/state.pt"))
+
+
+def test_stopping_the_local_rays_autoscaler_monitor_kills_only_it_and_ray_keeps_working():
+    """Run before Ray's own exit handler (see ``pf_sweep.trial._kill_local_autoscaler_monitor``)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import time, psutil, ray
+from pf_sweep.trial import _kill_local_autoscaler_monitor, ensure_ray
+ensure_ray(num_cpus=1, verbose=False, dashboard=False)
+def running():
+    return {c.pid: " ".join(c.cmdline()) for c in psutil.Process().children() if c.status() != psutil.STATUS_ZOMBIE}
+before = running()
+monitors = sorted(pid for pid, cmd in before.items() if "/ray/autoscaler/" in cmd and "monitor.py" in cmd)
+_kill_local_autoscaler_monitor()
+time.sleep(0.5)
+print(len(before), len(monitors), sorted(set(before) - set(running())) == monitors, ray.get(ray.put(7)))
+"""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    children, monitors, only_the_monitor_died, value = proc.stdout.split()
+    assert int(children) > 2 and monitors == "1" and only_the_monitor_died == "True" and value == "7"
