@@ -246,8 +246,13 @@ def main(argv: list[str] | None = None) -> int:
             metric, mode = space.metric, space.mode
     except ValueError as err:
         parser.exit(2, f"run_sweep.py: error: {err}\n")
-    if args.address:  # now, before Ray is imported: Ray reads its auth mode then
+    # Now, before Ray is imported: Ray reads its auth mode, and where a local Ray listens, then.
+    if args.address:
         preflight.present_auth_token()
+    elif not args.dry_run:
+        from pf_sweep.trial import import_ray_for_local_use
+
+        import_ray_for_local_use()
     if args.dry_run:
         print(f"space: {space.description}")
         print(f"metric: {space.metric} ({space.mode})")

@@ -52,6 +52,33 @@ def default_name(cfg: TrialConfig) -> str:
     return f"trial-{digest}"
 
 
+# Ray's switch for the platforms where it supports one machine only (Windows, macOS). Turned off, Ray
+# takes 127.0.0.1 as the node's address, so every server of a local Ray (GCS, raylet, object manager,
+# dashboard and its agents, workers) listens on loopback only. Ray reads it once, when it is imported.
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def import_ray_for_local_use() -> None:
+    """Import Ray so that a local Ray started by this process listens on 127.0.0.1 only.
+
+    It has to be the first import of Ray in the process (the CLI does it before anything else can);
+    a process that will join a cluster must not use it, since its driver then looks for a raylet
+    on 127.0.0.1. The switch is put back right after the import, so that processes started later (a
+    ``ray start``, say) see the environment they would have; Ray's own workers take their address from
+    the raylet. A value the user set is left alone.
+    """
+    if "ray" in sys.modules:
+        return
+    user_set = SINGLE_MACHINE_ENV in os.environ
+    if not user_set:
+        os.environ[SINGLE_MACHINE_ENV] = "0"
+    try:
+        import ray  # noqa: F401
+    finally:
+        if not user_set:
+            del os.environ[SINGLE_MACHINE_ENV]
+
+
 def set_ray_environment() -> None:
     """Environment that must be in place before Ray starts (it propagates to workers)."""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
@@ -112,11 +139,14 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, *, verbo
     Ray's session logs. ``dashboard=False`` skips the dashboard, which only Ray Train worker groups
     need (their placement-group cleaner uses its State API); a sweep whose trials all run in their Tune
     actors starts faster without it. The dashboard's HTTP port (the Jobs API, which runs code) listens
-    on 127.0.0.1 only. Ray's gRPC servers listen on every interface whatever the node address (Ray
-    replaces a loopback ``node_ip_address`` by the machine's own), behind Ray's token authentication.
+    on 127.0.0.1 only, and so does everything else of a local Ray when Ray was first imported through
+    ``import_ray_for_local_use`` (this does it when Ray is not imported yet); otherwise Ray's gRPC
+    servers listen on every interface, behind Ray's token authentication, and a warning says so.
     """
     imported = "ray" in sys.modules
     late = bool(address) and present_auth_token() and imported
+    if not address:
+        import_ray_for_local_use()
     import ray
 
     if ray.is_initialized():
@@ -136,6 +166,12 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, *, verbo
         return
     if os.environ.get("RAY_ADDRESS"):
         logger.info("Starting a new local Ray (RAY_ADDRESS=%s is joined only with --address auto)", os.environ["RAY_ADDRESS"])
+    if ray.util.get_node_ip_address() != "127.0.0.1":
+        logger.warning(
+            "This local Ray's ports listen on every interface (behind Ray's token): Ray was imported before pf-sweep "
+            "could keep it on 127.0.0.1; call pf-sweep first, or set %s=0 before Python starts",
+            SINGLE_MACHINE_ENV,
+        )
     ray.init(
         address="local",
         num_cpus=num_cpus or os.cpu_count(),

@@ -1,6 +1,6 @@
-"""Safe by default: no checkpoint can run code, a local sweep's dashboard listens on loopback only and
-every port it opens refuses a job without the token, and nothing secret or personal lands in what a
-sweep stores.
+"""Safe by default: no checkpoint can run code, a local sweep listens on loopback only (torch's
+rendezvous store of a worker group aside) and every port it opens refuses a job without the token,
+and nothing secret or personal lands in what a sweep stores.
 
 The bad-input table (a pickled-code ``pretrained_path`` refused before Ray, among others) lives with
 the other refusals; here the payload is one that really runs code when unpickled, and the test
@@ -10,6 +10,7 @@ proves it never runs.
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import pickle
@@ -112,6 +113,7 @@ _ROLES = (
     ("dashboard_agent", "dashboard/agent.py"),
     ("dashboard_agent", "ray::DashboardAgent"),
     ("runtime_env_agent", "ray::RuntimeEnvAgent"),
+    ("train_worker", "ray::RayTrainWorker"),
     ("dashboard", "dashboard/dashboard.py"),
     ("runtime_env_agent", "runtime_env/agent/main.py"),
     ("gcs_server", "/gcs/gcs_server"),
@@ -121,6 +123,7 @@ _ROLES = (
     ("driver", "run_sweep.py"),
 )
 DASHBOARD_PORT = 8265  # Ray's default, which ensure_ray keeps
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
 
 def _role(proc) -> str:
@@ -245,18 +248,43 @@ def interrupted_sweep(tmp_path_factory):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_local_sweep_keeps_its_dashboard_on_loopback_and_its_cluster_behind_a_token(interrupted_sweep):
-    # Ray 2.60 has no option to bind its gRPC servers (GCS, raylet, agents, workers, the dashboard's
-    # own gRPC port) to loopback: they listen on all interfaces (docs/cluster.md, Security). What
-    # holds: the dashboard's HTTP port (the Jobs API, which runs code) is on loopback only, and the
-    # cluster requires a token on every gRPC call.
+def test_a_local_worker_group_sweep_listens_on_loopback_but_for_torchs_store_and_needs_a_token(interrupted_sweep):
+    # Every Ray server (GCS, raylet, object manager, dashboard and agents, workers) is on loopback. The
+    # one exception is torch's: the TCPStore that rank 0 of a Train worker group serves for the process
+    # group's rendezvous binds to every interface, and torch has no option to change it.
     listening = interrupted_sweep["listening"]
     roles = {role for _, _, role in listening}
-    assert {"gcs_server", "raylet", "dashboard"} <= roles, f"the scan missed Ray's processes: {listening}"
+    assert {"gcs_server", "raylet", "dashboard", "dashboard_agent", "train_worker"} <= roles, f"the scan missed some: {listening}"
+    elsewhere = [(ip, port, role) for ip, port, role in listening if ip not in LOOPBACK]
+    assert {role for _, _, role in elsewhere} <= {"train_worker"}, f"listening beyond loopback: {sorted(elsewhere)}"
+    assert len(elsewhere) <= 1, f"more than the one worker's store listens beyond loopback: {sorted(elsewhere)}"
     http = {ip for ip, port, role in listening if role == "dashboard" and port == DASHBOARD_PORT}
     assert http == {"127.0.0.1"}, f"the dashboard's HTTP port is not on loopback alone: {sorted(listening)}"
     assert interrupted_sweep["auth_mode"] == "token", "the local cluster started without token authentication"
     assert (interrupted_sweep["home"] / ".ray" / "auth_token").read_text().strip(), "no token was generated"
+
+
+@pytest.mark.ray
+def test_a_local_sweep_of_in_actor_trials_listens_on_loopback_only(tmp_path):
+    """The default sweep: nothing of it, the driver included, can be reached from another machine."""
+    import psutil
+
+    args = ["--storage", str(tmp_path), "--name", "lo", "--num-samples", "1"]
+    args += ["--set", "epochs=2", "--set", "train_split=train[:256]"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    driver = subprocess.Popen([sys.executable, str(ROOT / "run_sweep.py"), *args], env=env, stdout=subprocess.DEVNULL)
+    listening: set[tuple[str, int, str]] = set()
+    try:
+        while driver.poll() is None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                listening |= _listening([psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)])
+            time.sleep(0.1)
+    finally:
+        driver.kill()
+    assert driver.wait() == 0
+    roles = {role for _, _, role in listening}
+    assert {"driver", "gcs_server", "raylet", "worker", "dashboard_agent"} <= roles, f"the scan missed some: {listening}"
+    assert {ip for ip, _, _ in listening} <= LOOPBACK, f"listening beyond loopback: {sorted(listening)}"
 
 
 @pytest.mark.ray
