@@ -397,12 +397,13 @@ def _submit(remote: Any, job: _Job, options: Options, history: pd.DataFrame | No
 
 def _run(jobs: list[_Job], options: Options, history: pd.DataFrame | None, address: str | None, progress: bool) -> None:
     """Submit the jobs with something missing, fill them in as their tasks complete."""
-    import ray
     from tqdm.auto import tqdm
 
     from pf_sweep.trial import ensure_ray
 
-    ensure_ray(address, verbose=False)
+    ensure_ray(address, verbose=False)  # first: it imports Ray so that a local one is on loopback
+    import ray
+
     remote = ray.remote(measure_task)
     pending = {_submit(remote, job, options, history): job for job in jobs}
     with tqdm(total=len(pending), desc="measuring", unit="task", disable=not progress) as bar:

@@ -235,7 +235,6 @@ def final_checkpoints(sweep: str | Path) -> dict[str, str]:
 def evaluate_sweep(sweep: str | Path, suite: str, *, address: str | None = None, progress: bool = True, **options: Any):
     """Every trial's final checkpoint of ``sweep`` evaluated as a Ray task (a GPU each when the
     cluster has one); returns {trial id: metrics}, an ``{"error": ...}`` entry for a failed one."""
-    import ray
     from tqdm import tqdm
 
     from pf_sweep.trial import ensure_ray
@@ -244,7 +243,9 @@ def evaluate_sweep(sweep: str | Path, suite: str, *, address: str | None = None,
     checkpoints = final_checkpoints(sweep)
     if not checkpoints:
         raise ValueError(f"Nothing to evaluate: {sweep} has no trial with a complete checkpoint")
-    ensure_ray(address, verbose=False, dashboard=False)
+    ensure_ray(address, verbose=False, dashboard=False)  # first: it imports Ray so that a local one is on loopback
+    import ray
+
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0)(evaluate_checkpoint)
     pending = {task.remote(path, suite, **options): trial for trial, path in checkpoints.items()}

@@ -115,6 +115,9 @@ def _shutdown_ray() -> None:
     try:
         import ray
 
+        from pf_sweep.trial import _kill_local_autoscaler_monitor
+
+        _kill_local_autoscaler_monitor()  # else Ray's shutdown waits a second for it
         ray.shutdown()
     except Exception:  # best effort: the process exits next whatever happened
         pass

@@ -40,7 +40,7 @@ from pf_sweep.executors import (
     tune_last_epoch,
 )
 from pf_sweep.storage import StoragePath
-from pf_sweep.trial import ensure_ray
+from pf_sweep.trial import ensure_ray, import_ray_for_local_use
 
 logger = logging.getLogger(__name__)
 SWEEP_FILE = "sweep.json"
@@ -271,16 +271,22 @@ def _scheduler(space: Space, settings: SweepSettings, base: dict[str, Any]):
     return FIFOScheduler()
 
 
-def _callbacks(settings: SweepSettings, space: Space, sweep_dir: StoragePath, name: str, total: int) -> list[Any]:
+def _callbacks(
+    settings: SweepSettings, space: Space, sweep_dir: StoragePath, name: str, total: int, given: Sequence[Any] = ()
+) -> list[Any]:
     """The progress line, Tune's two file loggers (``result.json``, ``progress.csv``) and the ``--log`` trackers.
 
-    The file loggers are listed here because Tune's own defaults are turned off (``_tune_loggers_as_given``).
+    The file loggers are listed here because Tune's own defaults are turned off (``_tune_loggers_as_given``);
+    one that the caller already ``given`` is not added twice (each would write every row).
     """
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from pf_sweep.progress import SweepProgress
 
-    callbacks: list[Any] = [SweepProgress(space.metric, space.mode, total), JsonLoggerCallback(), CSVLoggerCallback()]
+    callbacks: list[Any] = [SweepProgress(space.metric, space.mode, total)]
+    for file_logger in (JsonLoggerCallback, CSVLoggerCallback):
+        if not any(isinstance(c, file_logger) for c in given):
+            callbacks.append(file_logger())
     for logger_name in settings.loggers:
         if logger_name == "tensorboard":
             from ray.tune.logger import TBXLoggerCallback
@@ -378,6 +384,8 @@ def launch(
     from pf_sweep.preflight import check_sweep
 
     check_sweep(space, settings, storage_path=storage_path, address=address)  # before any Ray work: ValueError
+    if address is None:
+        import_ray_for_local_use()  # before Ray's first import: a local Ray on 127.0.0.1 only
     from ray import tune
 
     settings.validate()
@@ -441,7 +449,7 @@ def _run_config(settings: SweepSettings, space: Space, sweep_dir: StoragePath, n
         name=name,
         storage_path=str(sweep_dir.parent),
         failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-        callbacks=[*_callbacks(settings, space, sweep_dir, name, total), *extra],
+        callbacks=[*_callbacks(settings, space, sweep_dir, name, total, given=extra), *extra],
         # Quiet by default: the progress line per trial; --verbose brings back Tune's trial tables.
         verbose=2 if settings.verbose else 0,
     )
@@ -495,6 +503,8 @@ def resume(sweep_path: str, *, address: str | None = None, verbose: bool = False
     The searcher (with its Optuna study), the scheduler and the callbacks (``--log`` trackers, the
     progress line) all come back from Tune's saved state, as they were at launch.
     """
+    if address is None:
+        import_ray_for_local_use()  # before Ray's first import: a local Ray on 127.0.0.1 only
     from ray import tune
 
     sweep_dir = StoragePath.of(sweep_path)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import ipaddress
 import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,11 +63,12 @@ SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 def import_ray_for_local_use() -> None:
     """Import Ray so that a local Ray started by this process listens on 127.0.0.1 only.
 
-    It has to be the first import of Ray in the process (the CLI does it before anything else can);
-    a process that will join a cluster must not use it, since its driver then looks for a raylet
-    on 127.0.0.1. The switch is put back right after the import, so that processes started later (a
-    ``ray start``, say) see the environment they would have; Ray's own workers take their address from
-    the raylet. A value the user set is left alone.
+    It has to be the first import of Ray in the process: the CLI does it before anything else can,
+    and every pf-sweep function that may start a local Ray does it before it imports Ray. A process
+    that joins a cluster later still finds its node through the cluster's GCS, but an address written
+    ``localhost:PORT`` then means 127.0.0.1. The switch is put back right after the import, so that
+    processes started later (a ``ray start``, say) see the environment they would have; Ray's own
+    workers take their address from the raylet. A value the user set is left alone.
     """
     if "ray" in sys.modules:
         return
@@ -113,14 +116,36 @@ def _kill_local_autoscaler_monitor() -> None:
     Ray 2.60's shutdown stops the GCS before the monitor, whose SIGTERM handler then tries to write
     an error to the dead GCS until Ray kills it after a 1 s grace: every local sweep, trial and test
     paid that second at exit. A local Ray's monitor has nothing left to do by then; SIGKILL skips its
-    handler. Only this process's own children are touched, and Ray still reaps the process.
+    handler. Only a child of this process that monitors this process's Ray (by its GCS address) is
+    touched, and Ray still reaps it.
     """
     import psutil
+    import ray
 
+    if not ray.is_initialized():
+        return
+    ours = f"--gcs-address={ray.get_runtime_context().gcs_address}"
     for child in psutil.Process().children():
         with contextlib.suppress(psutil.Error):
-            if any("/ray/autoscaler/" in part and part.endswith("monitor.py") for part in child.cmdline()):
+            cmd = child.cmdline()
+            if ours in cmd and any("/ray/autoscaler/" in part and part.endswith("monitor.py") for part in cmd):
                 child.kill()
+
+
+@contextlib.contextmanager
+def _gloo_on_loopback():
+    """While a local Ray starts (its processes keep the environment they start with): Gloo, the CPU
+    process group of a worker group, on the loopback interface. Otherwise it listens on the address
+    the host name resolves to, on many machines the LAN's. A value the user set is kept."""
+    loopback = next((name for _, name in socket.if_nameindex() if name in ("lo", "lo0")), None)
+    if "GLOO_SOCKET_IFNAME" in os.environ or loopback is None:
+        yield
+        return
+    os.environ["GLOO_SOCKET_IFNAME"] = loopback
+    try:
+        yield
+    finally:
+        del os.environ["GLOO_SOCKET_IFNAME"]
 
 
 def _first_line(err: BaseException) -> str:
@@ -166,20 +191,21 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, *, verbo
         return
     if os.environ.get("RAY_ADDRESS"):
         logger.info("Starting a new local Ray (RAY_ADDRESS=%s is joined only with --address auto)", os.environ["RAY_ADDRESS"])
-    if ray.util.get_node_ip_address() != "127.0.0.1":
+    if SINGLE_MACHINE_ENV not in os.environ and not ipaddress.ip_address(ray.util.get_node_ip_address()).is_loopback:
         logger.warning(
             "This local Ray's ports listen on every interface (behind Ray's token): Ray was imported before pf-sweep "
             "could keep it on 127.0.0.1; call pf-sweep first, or set %s=0 before Python starts",
             SINGLE_MACHINE_ENV,
         )
-    ray.init(
-        address="local",
-        num_cpus=num_cpus or os.cpu_count(),
-        include_dashboard=dashboard,
-        dashboard_host="127.0.0.1",
-        log_to_driver=verbose,
-        **quiet,
-    )
+    with _gloo_on_loopback():
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
+            log_to_driver=verbose,
+            **quiet,
+        )
     # Runs before Ray's own exit handler, which ray registered when it was imported (atexit is LIFO).
     atexit.unregister(_kill_local_autoscaler_monitor)
     atexit.register(_kill_local_autoscaler_monitor)

@@ -267,6 +267,10 @@ def test_log_flag_adds_the_tracker_callback_and_progress_counts_finished_trials(
     settings.validate()
     callbacks = _callbacks(settings, space, StoragePath.of(tmp_path), "s", 3)
     assert [type(c) for c in callbacks] == [SweepProgress, JsonLoggerCallback, CSVLoggerCallback, TBXLoggerCallback]
+    # A caller's own file logger (launch(callbacks=...)) is not doubled: each would write every row.
+    mine = JsonLoggerCallback()
+    again = _callbacks(settings, space, StoragePath.of(tmp_path), "s", 3, given=[mine])
+    assert [type(c) for c in again] == [SweepProgress, CSVLoggerCallback, TBXLoggerCallback]
 
     class FakeTrial:
         def __init__(self, trial_id, status="RUNNING"):

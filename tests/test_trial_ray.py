@@ -103,26 +103,40 @@ def test_uri_storage_keeps_checkpoints_and_history(ray_cluster, tmp_path):
     assert any((tmp_path / "store" / "uri").glob("checkpoint_*/state.pt"))
 
 
-def test_stopping_the_local_rays_autoscaler_monitor_kills_only_it_and_ray_keeps_working():
-    """Run before Ray's own exit handler (see ``pf_sweep.trial._kill_local_autoscaler_monitor``)."""
+def test_a_local_ray_from_the_api_is_on_loopback_and_its_monitor_is_stopped_alone():
+    """``ensure_ray`` in a fresh process that has not imported Ray (as ``run_trial``, ``launch`` and the
+    analysis functions call it): the node address is loopback, Gloo is pinned to the loopback interface
+    in the local Ray's processes but not left in the caller's environment, and stopping the autoscaler
+    monitor (``pf_sweep.trial._kill_local_autoscaler_monitor``, run before Ray's exit handler) kills
+    only the monitor while Ray keeps working."""
     import subprocess
     import sys
     from pathlib import Path
 
     code = """
-import time, psutil, ray
+import contextlib, os, time, psutil
 from pf_sweep.trial import _kill_local_autoscaler_monitor, ensure_ray
 ensure_ray(num_cpus=1, verbose=False, dashboard=False)
+import ray
 def running():
-    return {c.pid: " ".join(c.cmdline()) for c in psutil.Process().children() if c.status() != psutil.STATUS_ZOMBIE}
+    out = {}
+    for c in psutil.Process().children():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if c.status() != psutil.STATUS_ZOMBIE:
+                out[c.pid] = c
+    return out
 before = running()
-monitors = sorted(pid for pid, cmd in before.items() if "/ray/autoscaler/" in cmd and "monitor.py" in cmd)
+raylet = next(c for c in before.values() if c.name() == "raylet")
+monitors = sorted(pid for pid, c in before.items() if any("/ray/autoscaler/" in part for part in c.cmdline()))
 _kill_local_autoscaler_monitor()
 time.sleep(0.5)
+print(ray.util.get_node_ip_address(), raylet.environ().get("GLOO_SOCKET_IFNAME"), "GLOO_SOCKET_IFNAME" in os.environ)
 print(len(before), len(monitors), sorted(set(before) - set(running())) == monitors, ray.get(ray.put(7)))
 """
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    children, monitors, only_the_monitor_died, value = proc.stdout.split()
+    address, gloo, leaked, children, monitors, only_the_monitor_died, value = proc.stdout.split()
+    assert address == "127.0.0.1" and gloo == "lo" and leaked == "False"
     assert int(children) > 2 and monitors == "1" and only_the_monitor_died == "True" and value == "7"
+    assert "every interface" not in proc.stderr  # the warning for a Ray imported too early
