@@ -40,7 +40,7 @@ from pf_sweep.executors import (
     tune_last_epoch,
 )
 from pf_sweep.storage import StoragePath
-from pf_sweep.trial import ensure_ray, import_ray_for_local_use
+from pf_sweep.trial import ensure_ray, environ_while, import_ray_for_local_use
 
 logger = logging.getLogger(__name__)
 SWEEP_FILE = "sweep.json"
@@ -314,18 +314,8 @@ def _tune_loggers_as_given(enabled: bool = True):
     set around that call only. Sweeps stored before pf-sweep listed its loggers (no ``EXPLICIT_LOGGERS_KEY``
     in sweep.json) resume with Tune's defaults, since their saved callbacks lack the two file loggers.
     """
-    if not enabled:
+    with environ_while(NO_DEFAULT_LOGGERS_ENV, "1" if enabled else None, override=True):
         yield
-        return
-    previous = os.environ.get(NO_DEFAULT_LOGGERS_ENV)
-    os.environ[NO_DEFAULT_LOGGERS_ENV] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(NO_DEFAULT_LOGGERS_ENV, None)
-        else:
-            os.environ[NO_DEFAULT_LOGGERS_ENV] = previous
 
 
 def trial_dirname(trial: Any) -> str:

@@ -60,6 +60,24 @@ def default_name(cfg: TrialConfig) -> str:
 SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
+@contextlib.contextmanager
+def environ_while(name: str, value: str | None, *, override: bool = False):
+    """``os.environ[name] = value`` for the block only, then the environment as it was. A value the
+    user set is kept unless ``override``; ``value=None`` changes nothing."""
+    previous = os.environ.get(name)
+    if value is None or (previous is not None and not override):
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
 def import_ray_for_local_use() -> None:
     """Import Ray so that a local Ray started by this process listens on 127.0.0.1 only.
 
@@ -72,14 +90,8 @@ def import_ray_for_local_use() -> None:
     """
     if "ray" in sys.modules:
         return
-    user_set = SINGLE_MACHINE_ENV in os.environ
-    if not user_set:
-        os.environ[SINGLE_MACHINE_ENV] = "0"
-    try:
+    with environ_while(SINGLE_MACHINE_ENV, "0"):
         import ray  # noqa: F401
-    finally:
-        if not user_set:
-            del os.environ[SINGLE_MACHINE_ENV]
 
 
 def set_ray_environment() -> None:
@@ -138,14 +150,8 @@ def _gloo_on_loopback():
     process group of a worker group, on the loopback interface. Otherwise it listens on the address
     the host name resolves to, on many machines the LAN's. A value the user set is kept."""
     loopback = next((name for _, name in socket.if_nameindex() if name in ("lo", "lo0")), None)
-    if "GLOO_SOCKET_IFNAME" in os.environ or loopback is None:
+    with environ_while("GLOO_SOCKET_IFNAME", loopback):
         yield
-        return
-    os.environ["GLOO_SOCKET_IFNAME"] = loopback
-    try:
-        yield
-    finally:
-        del os.environ["GLOO_SOCKET_IFNAME"]
 
 
 def _first_line(err: BaseException) -> str:
