@@ -270,12 +270,10 @@ def _validate(c: TrialConfig) -> None:
                 "bce_reduction": BCE_REDUCTIONS,
             }[name],
         )
-    _require(
-        is_known_model(c.model),
-        "model",
-        c.model,
-        f"neither a timm model (see timm.list_models()) nor one of {', '.join(sorted(_own_models()))}{_did_you_mean(c.model)}",
-    )
+    if not is_known_model(c.model):  # the suggestion compares against every timm name: only on failure
+        own = ", ".join(sorted(_own_models()))
+        hint = _did_you_mean(c.model)
+        _require(False, "model", c.model, f"neither a timm model (see timm.list_models()) nor one of {own}{hint}")
     for dataset in (c.dataset, *(name for name, _ in c.eval_sets)):
         _require(is_known_dataset(dataset), "dataset", dataset, "allowed: digits, digits_spurious, synthetic, tfds/<name>")
     for name in ("batch_size", "epochs", "grad_accum_steps", "num_workers", "lr_base_size", "checkpoint_every"):

@@ -96,6 +96,39 @@ def test_run_directory_sees_only_complete_checkpoints_and_prunes_the_oldest(tmp_
     assert run_dir.checkpoints() == ["checkpoint_000001", "checkpoint_000002"]
 
 
+FREEZE_PROBE = """
+import gc, weakref
+import pf_sweep.train  # torch and timm, as run_in_actor imports them before collecting
+from pf_sweep.executors import _collect_previous_trial
+
+class Node:
+    pass
+
+def cycle():
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    return weakref.ref(a)
+
+gc.disable()  # only the collections under test
+first = cycle()
+_collect_previous_trial()
+assert first() is None, "the first trial's call must collect before it freezes"
+frozen = gc.get_freeze_count()
+assert frozen > 100_000, frozen  # torch, timm and Ray Tune's objects are out of the collector's view
+later = cycle()
+_collect_previous_trial()
+assert later() is None, "a later trial's cycles must still be collected"
+assert gc.get_freeze_count() == frozen, "only the first call freezes"
+print("ok")
+"""
+
+
+def test_a_reused_actor_collects_each_trials_cycles_after_freezing_its_imports_once():
+    # In a fresh interpreter: freezing pytest's own heap would hide this test's garbage from later tests.
+    out = subprocess.run([sys.executable, "-c", FREEZE_PROBE], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 @pytest.fixture(scope="module")
 def in_process_metrics():
     """The grid's last-epoch metrics from plain in-process runs, keyed by (rho, perturbation)."""
