@@ -11,7 +11,7 @@ sweep and exits 1.
 It prints the wall time, trials per minute, when the first trial finished, the median and longest
 gap between two finished trials (a hang-in-waiting shows as a long tail), and the driver's and trial actors' peak RSS.
 
-    .venv/bin/python benchmarks/sweep_soak.py                    # 200 trials, about 10 minutes on 2 cores
+    .venv/bin/python benchmarks/sweep_soak.py                    # 200 trials, about a minute on 2 cores
     .venv/bin/python benchmarks/sweep_soak.py --num-samples 50   # a quicker look
     .venv/bin/python benchmarks/sweep_soak.py --executor workers # Train worker groups: the reporting bridge
 """

@@ -98,7 +98,7 @@ def test_run_directory_sees_only_complete_checkpoints_and_prunes_the_oldest(tmp_
 
 FREEZE_PROBE = """
 import gc, weakref
-import pf_sweep.train  # torch and timm, as run_in_actor imports them before collecting
+import pf_sweep.train  # torch and timm, as run_in_actor imports them first
 from pf_sweep.executors import _collect_previous_trial
 
 class Node:
@@ -110,20 +110,22 @@ def cycle():
     return weakref.ref(a)
 
 gc.disable()  # only the collections under test
-first = cycle()
-_collect_previous_trial()
-assert first() is None, "the first trial's call must collect before it freezes"
+full = gc.get_stats()[2]["collections"]
+_collect_previous_trial()  # the actor's first trial: nothing of a previous one to collect
 frozen = gc.get_freeze_count()
-assert frozen > 100_000, frozen  # torch, timm and Ray Tune's objects are out of the collector's view
-later = cycle()
-_collect_previous_trial()
-assert later() is None, "a later trial's cycles must still be collected"
+assert frozen > 100_000, frozen  # torch, timm and Ray's objects are out of the collector's view
+assert gc.get_stats()[2]["collections"] == full, "the first trial must not walk the whole heap"
+for _ in range(2):  # the trials after it
+    garbage = cycle()
+    _collect_previous_trial()
+    assert garbage() is None, "a trial's cycles must be collected before the next one starts"
+assert gc.get_stats()[2]["collections"] == full + 2
 assert gc.get_freeze_count() == frozen, "only the first call freezes"
 print("ok")
 """
 
 
-def test_a_reused_actor_collects_each_trials_cycles_after_freezing_its_imports_once():
+def test_a_reused_actor_freezes_its_imports_once_and_collects_each_trials_cycles():
     # In a fresh interpreter: freezing pytest's own heap would hide this test's garbage from later tests.
     out = subprocess.run([sys.executable, "-c", FREEZE_PROBE], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
