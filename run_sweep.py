@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_console(sweep_dir, verbose=args.verbose)
     from pf_sweep import sweep
     from pf_sweep.scheduling import UnschedulableError
-    from pf_sweep.shutdown import StopGuard
+    from pf_sweep.shutdown import StopGuard, stop_ray
 
     study_url = meta.get("optuna_storage") if args.resume else optuna_storage_url(settings, sweep_dir)
     if study_url and space.suggest is not None:
@@ -322,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(best["config"], indent=1, sort_keys=True))
     print(f"checkpoint: {best['checkpoint']}")
     print(f"results: {sweep_dir}  summary: {summary}")
+    if not args.verbose:  # --verbose forwards the workers' logs: Ray's exit hook waits for their last lines
+        stop_ray()
     return 0
 
 

@@ -111,6 +111,13 @@ class StopGuard:
         os._exit(EXIT_CODE)
 
 
+def stop_ray() -> None:
+    """Stop this process's local Ray (or leave the joined cluster) now, best effort, rather than in
+    Ray's exit hook: that hook first sleeps 0.5 s so that the workers' last forwarded log lines reach
+    the console, and a quiet sweep forwards none."""
+    _shutdown_ray()
+
+
 def _shutdown_ray() -> None:
     try:
         import ray

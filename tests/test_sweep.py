@@ -176,9 +176,12 @@ def test_four_trial_sweep_finishes_and_reports_the_best_stored_trial(tmp_path, e
     assert all((sweep_dir / trial / "progress.csv").exists() for trial in tune_trials)
     assert not list(sweep_dir.glob("trial-*/events.out.tfevents.*"))
     assert "driver imported: []" in proc.stdout
+    # Stopped by run_sweep itself, not in Ray's exit hook (which first sleeps half a second).
+    assert "ray running at exit: False" in proc.stdout
 
 
-# Runs the script named by argv[1] as __main__, then prints which heavy modules the process imported.
+# Runs the script named by argv[1] as __main__, then prints which heavy modules the process imported
+# and whether Ray was still running when it returned.
 DRIVER_MODULES = """
 import runpy, sys
 sys.argv = sys.argv[1:]
@@ -186,6 +189,7 @@ try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 finally:
     print("driver imported:", sorted({"torch", "timm", "tensorboardX"} & set(sys.modules)))
+    print("ray running at exit:", "ray" in sys.modules and sys.modules["ray"].is_initialized())
 """
 
 
