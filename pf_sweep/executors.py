@@ -121,9 +121,6 @@ def tune_last_epoch(sweep_dir: StoragePath, trial_id: str) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------- in the actor
-_heap_frozen = False
-
-
 def _collect_previous_trial() -> None:
     """Collect what the previous trial in this reused actor left in reference cycles (its model,
     optimizer, loaders), without walking what the process imported.
@@ -135,12 +132,10 @@ def _collect_previous_trial() -> None:
     collections walk only what was made since. Frozen objects are still freed when their last
     reference goes; only cycles among them stay (a few dozen objects of import-time garbage here).
     """
-    global _heap_frozen
-    if _heap_frozen:
+    if gc.get_freeze_count():
         gc.collect()
     else:
         gc.freeze()
-        _heap_frozen = True
 
 
 def run_in_actor(cfg: TrialConfig, run_location: str, *, tune_seen: int | None = None) -> None:

@@ -105,7 +105,7 @@ class StopGuard:
         waited = time.monotonic() - (self.first_signal_at or time.monotonic())
         print(f"Stop did not finish within {waited:.0f} s ({GRACE_ENV}={self.grace_s:g}): exiting", file=sys.stderr, flush=True)
         self.print_resume_hint()
-        stopper = threading.Thread(target=_shutdown_ray, daemon=True)
+        stopper = threading.Thread(target=stop_ray, daemon=True)
         stopper.start()
         stopper.join(SHUTDOWN_S)
         os._exit(EXIT_CODE)
@@ -115,10 +115,6 @@ def stop_ray() -> None:
     """Stop this process's local Ray (or leave the joined cluster) now, best effort, rather than in
     Ray's exit hook: that hook first sleeps 0.5 s so that the workers' last forwarded log lines reach
     the console, and a quiet sweep forwards none."""
-    _shutdown_ray()
-
-
-def _shutdown_ray() -> None:
     try:
         import ray
 
