@@ -456,7 +456,7 @@ def cluster_refuses_token(address: str | None) -> bool:
 
 # ---------------------------------------------------------------------- resume
 def read_resumable(sweep_dir: Any) -> dict[str, Any]:
-    """``sweep.json`` of a sweep ``--resume`` can continue (a ``StoragePath``); ValueError otherwise."""
+    """``sweep.json`` of a sweep ``--resume`` can continue (a ``StoragePath``), its Tune state mended; ValueError otherwise."""
     from pf_sweep.sweep import read_sweep
 
     meta = read_sweep(sweep_dir)
@@ -464,6 +464,10 @@ def read_resumable(sweep_dir: Any) -> dict[str, Any]:
         raise ValueError(
             f"No restorable sweep at {sweep_dir} (Tune saved no {TUNER_STATE} there); launch it again without --resume"
         )
+    # A driver killed while Tune copied its state leaves a file cut short; Tune staged a whole copy.
+    from pf_sweep.tune_state import mend_torn_state
+
+    mend_torn_state(sweep_dir)
     return meta
 
 

@@ -30,6 +30,14 @@ def finished_and_running(runs: Path, last_epoch: int) -> tuple[list[Path], list[
     return finished, running
 
 
+def tear_experiment_state(sweep_dir: Path) -> Path:
+    """Cut the sweep's newest Tune experiment state in half, as a driver killed mid-copy leaves it."""
+    state = max(sweep_dir.glob("experiment_state-*.json"))
+    data = state.read_bytes()
+    state.write_bytes(data[: len(data) // 2])
+    return state
+
+
 def sigkill_sweep_mid_trial(cmd: list[str], *, env: dict, runs: Path, last_epoch: int, cwd=None, timeout: float = 300):
     """Run a ``run_sweep.py`` command in its own process group and SIGKILL the whole group (driver and
     its local Ray) once one trial has finished and another has stored an epoch: (finished, running)."""

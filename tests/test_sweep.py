@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import fake_ray_path, sigkill_sweep_mid_trial
+from conftest import fake_ray_path, sigkill_sweep_mid_trial, tear_experiment_state
 
 import search_spaces
 from pf_sweep import TrialConfig
@@ -216,9 +216,13 @@ def test_killed_sweep_driver_resumes_without_losing_or_repeating_trials(tmp_path
     finished, running = sigkill_sweep_mid_trial(cmd, env=env, runs=storage / "k" / "runs", last_epoch=epochs - 1)
     before = _tune_epochs(storage / "k")
     trained = {run: (run / f"checkpoint_{epochs - 1:06d}" / "state.pt").stat().st_mtime_ns for run in finished}
+    # As if the kill had come while Tune copied its state from the Ray session's staging folder: the
+    # resume must put the staged copy back and lose nothing.
+    torn = tear_experiment_state(storage / "k")
 
     proc = _cli([*args, "--resume"], storage=storage, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"{torn.name} in {storage / 'k'} was cut short" in proc.stdout + proc.stderr
     summary = pd.read_csv(storage / "k" / "summary.csv")
     assert len(summary) == 3 and set(summary["epoch"]) == {epochs - 1}
     after = _tune_epochs(storage / "k")
