@@ -33,11 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from pf_sweep.tune_state import TUNER_STATE, mend_torn_state  # TUNER_STATE: what Tuner.can_restore looks for
+
 logger = logging.getLogger(__name__)
 
 Warn = Callable[[str], None]
 ADDRESS_TIMEOUT_S = 2.0  # a cluster's GCS port answers a TCP connect in milliseconds
-TUNER_STATE = "tuner.pkl"  # what ray.tune.Tuner.can_restore looks for
 
 
 # ---------------------------------------------------------------------- storage
@@ -465,8 +466,6 @@ def read_resumable(sweep_dir: Any) -> dict[str, Any]:
             f"No restorable sweep at {sweep_dir} (Tune saved no {TUNER_STATE} there); launch it again without --resume"
         )
     # A driver killed while Tune copied its state leaves a file cut short; Tune staged a whole copy.
-    from pf_sweep.tune_state import mend_torn_state
-
     mend_torn_state(sweep_dir)
     return meta
 

@@ -23,6 +23,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 EXPERIMENT_STATE_PATTERN = "experiment_state-*.json"
+TUNER_STATE = "tuner.pkl"  # the Tuner's own settings, written once when a sweep starts
 PICKLE_PROTOCOL_2_PLUS = 0x80  # the PROTO opcode that opens every pickle of protocol >= 2
 
 
@@ -72,10 +73,16 @@ def mend_torn_state(sweep_dir: Any, *, temp_root: Path | None = None) -> list[st
     All of that session's files that the staging directory holds are put back together, not only the
     torn one, so the experiment state and the searcher's state come from the same save. Returns the
     names replaced (empty when nothing was torn). Raises ValueError when a file is torn and no complete
-    staged copy of the whole set exists on this machine.
+    staged copy of the whole set exists on this machine, or when ``tuner.pkl`` is torn.
     """
     fs, root = sweep_dir.filesystem()
     names = _file_names(fs, root)
+    if TUNER_STATE in names and not is_complete(_read(fs, f"{root}/{TUNER_STATE}")):
+        raise ValueError(
+            f"{TUNER_STATE} in {sweep_dir} is incomplete: the driver was killed while Tune wrote it, as the sweep "
+            "started (Tune writes it once and stages no copy). Nothing can be resumed from it: launch the sweep "
+            "again under another --name, or remove the directory first"
+        )
     session = newest_session(names)
     if session is None:
         return []

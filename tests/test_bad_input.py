@@ -8,6 +8,7 @@ must take under 5 s; the Python API (``TrialConfig``, ``run_trial``, ``sweep.lau
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -67,6 +68,12 @@ def files(tmp_path_factory):
     not_a_sweep = root / "sweeps" / "half"
     not_a_sweep.mkdir(parents=True)
     (not_a_sweep / "sweep.json").write_text('{"base": {}, "settings": {}}')  # no Tune state beside it
+    torn = root / "sweeps" / "torn"  # Tune's state cut short by a kill, and no staged copy on this machine
+    torn.mkdir()
+    (torn / "sweep.json").write_text('{"base": {}, "settings": {}}')
+    (torn / "tuner.pkl").write_bytes(pickle.dumps({"settings": 1}))
+    (torn / "experiment_state-2026-12-04_10-00-05.json").write_text('{"trial_data": [[{"trial_id": "a')
+    (root / "empty-ray-tmp").mkdir()
     with socket.socket() as s:  # a port nothing listens on once this closes
         s.bind(("127.0.0.1", 0))
         closed_port = s.getsockname()[1]
@@ -101,6 +108,12 @@ CLI_CASES = [
     ("tfds-not-prepared", ["--set", "dataset=tfds/cifar10", "--set", "data_dir={no_tfds}"], {}, "prepare cifar10 --data-dir"),
     ("pretrained-pickled-code", ["--set", "pretrained_path={code}"], {}, "it pickles code or objects (posix.system)"),
     ("resume-of-a-non-sweep", ["--storage", "{root}/sweeps", "--name", "half", "--resume"], {}, "No restorable sweep"),
+    (
+        "resume-of-a-torn-state",
+        ["--storage", "{root}/sweeps", "--name", "torn", "--resume"],
+        {"RAY_TMPDIR": "{root}/empty-ray-tmp"},
+        "experiment_state-2026-12-04_10-00-05.json in {root}/sweeps/torn is incomplete",
+    ),
     ("address-unreachable", ["--address", "{closed}"], {}, "Invalid --address (address): '{closed}' (nothing answers"),
 ]
 
@@ -120,7 +133,8 @@ def _run_cli(case, files) -> Refusal:
     args = [a.format(**files) for a in args]
     if "--storage" not in args:
         args = ["--storage", str(storage), *args]
-    env = {**os.environ, **extra_env, "PYTHONPATH": os.pathsep.join([str(files["fake_ray"]), str(ROOT)])}
+    env = {**os.environ, **{k: v.format(**files) for k, v in extra_env.items()}}
+    env["PYTHONPATH"] = os.pathsep.join([str(files["fake_ray"]), str(ROOT)])
     with tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         proc = subprocess.Popen(

@@ -106,3 +106,14 @@ def test_a_torn_state_without_a_whole_staged_copy_is_refused_with_what_to_do(swe
         mend_torn_state(where, temp_root=temp_root)
     for name, data in files.items():
         assert (sweep_dir / name).read_bytes() == data
+
+
+def test_a_torn_tuner_state_is_refused_as_nothing_to_resume(tmp_path):
+    sweep_dir = tmp_path / "s"
+    sweep_dir.mkdir()
+    (sweep_dir / "tuner.pkl").write_bytes(pickle.dumps({"param_space": {}})[:-3])
+    (sweep_dir / f"experiment_state-{SESSION}.json").write_bytes(_state(1))
+    with pytest.raises(ValueError, match=r"tuner.pkl in .* is incomplete.*launch the sweep again"):
+        mend_torn_state(StoragePath.of(sweep_dir), temp_root=tmp_path / "ray")
+    (sweep_dir / "tuner.pkl").write_bytes(pickle.dumps({"param_space": {}}))
+    assert mend_torn_state(StoragePath.of(sweep_dir), temp_root=tmp_path / "ray") == []
