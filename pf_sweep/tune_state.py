@@ -13,6 +13,7 @@ anything, or refuses with a message saying which file is torn.
 from __future__ import annotations
 
 import fnmatch
+import glob
 import json
 import logging
 import os
@@ -63,7 +64,8 @@ def newest_session(names: list[str]) -> str | None:
 
 def staging_dirs(sweep_name: str, session: str, temp_root: Path) -> list[Path]:
     """Staging directories that hold this session's experiment state, newest first."""
-    found = temp_root.glob(f"session_*/artifacts/*/{sweep_name}/driver_artifacts/experiment_state-{session}.json")
+    name, stamp = glob.escape(sweep_name), glob.escape(session)
+    found = temp_root.glob(f"session_*/artifacts/*/{name}/driver_artifacts/experiment_state-{stamp}.json")
     return sorted((path.parent for path in found), key=lambda d: d.stat().st_mtime, reverse=True)
 
 
