@@ -1,4 +1,4 @@
-"""Perturbed-forgetting statistics (DESIGN.md, "Perturbed forgetting") and the per-example recorder.
+"""Perturbed-forgetting statistics (docs/sam.md, "Perturbed forgetting") and the per-example recorder.
 
 SAM already runs a clean forward pass at w and a perturbed one at w + e on the same sub-batch, so
 everything here is computed from those two sets of logits: measuring forgetting costs no extra

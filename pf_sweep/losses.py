@@ -27,7 +27,7 @@ def _check_class_targets(targets: torch.Tensor, num_classes: int, who: str) -> N
 
 
 class OBF(nn.Module):
-    r"""Output-bias forgetting perturbation objective (DESIGN.md, "OBF").
+    r"""Output-bias forgetting perturbation objective (docs/sam.md, "OBF").
 
     With lambda = 1/C (C > 1; C < 0 means lambda = 0), p = sigmoid(z) (or softmax), y one-hot and u
     uniform, per example alpha = gamma * max(0, (1 - lambda / p_y) / (1 - lambda)) and

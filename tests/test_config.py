@@ -1,6 +1,6 @@
 """TrialConfig (pf_sweep.config): validation at construction, dict round trip, derived values, CLI parsing.
 
-Every invalid value must raise ``ValueError`` naming the field (DESIGN.md, "Conventions"); the table
+Every invalid value must raise ``ValueError`` naming the field, the value and what is allowed; the table
 below pairs each bad input with a regular expression that names the field and the rule it breaks.
 """
 

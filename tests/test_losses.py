@@ -34,7 +34,7 @@ def logits_and_targets(seed: int = 0, dtype: torch.dtype = torch.float32):
 
 
 def obf_logit_gradient(z: torch.Tensor, y: torch.Tensor, C: float, gamma: float, sigmoid: bool) -> torch.Tensor:
-    """(u - alpha p - (1 - alpha) y) / batch, per example, from DESIGN.md, in float64 Python loops."""
+    """(u - alpha p - (1 - alpha) y) / batch, per example, from docs/sam.md, in float64 Python loops."""
     z = z.double()
     n, k = z.shape
     out = torch.empty(n, k, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""rho schedules (pf_sweep.optim.rho) against the formula of DESIGN.md "The SAM step"."""
+"""rho schedules (pf_sweep.optim.rho) against the formula of docs/sam.md ("The radius rho")."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The SAM family optimizer (pf_sweep.optim.sam) against a naive SAM written out in this file.
 
-``naive_sam_grads`` is the reference: the steps of DESIGN.md "The SAM step", per parameter, with
+``naive_sam_grads`` is the reference: the steps of docs/sam.md ("One step"), per parameter, with
 plain Python loops and ``torch.autograd.grad``; BatchNorm running statistics are frozen in the
 perturbed pass by saving and restoring the buffers (not the way the optimizer does it). Models are
 float64 so that the optimizer and the reference agree to far better than the 1e-6 asserted.
@@ -89,7 +89,7 @@ def dot(a, b) -> float:
 
 
 def naive_obf(C: float, gamma: float, sigmoid: bool):
-    """OBF objective written from the DESIGN.md formula, in float64."""
+    """OBF objective written from the formula in docs/sam.md, in float64."""
 
     def objective(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n, k = logits.shape

@@ -1,6 +1,6 @@
 """The SAM family as one optimizer wrapper: SAM, GSAM, ASAM and RandSAM, with m-sharpness.
 
-The class keeps state and buffers; the math of each step of DESIGN.md lives in the small functions
+The class keeps state and buffers; the math of each step (docs/sam.md) lives in the small functions
 below (``normalize_ascent_``, ``gsam_decompose_``) so tests can check them directly.
 
 Every working buffer is one contiguous tensor with a view per parameter (``FlatBuffer``): ``foreach``
@@ -250,7 +250,7 @@ class SAM(torch.optim.Optimizer):
         return torch.autograd.grad(objective, params, allow_unused=True)
 
     def _perturb_(self, params: list[torch.Tensor], ascent: Sequence[torch.Tensor | None], rho: float) -> None:
-        """Step 2 of DESIGN.md on the ascent gradients ``ascent`` (consumed in place): w <- w + e.
+        """Step 2 of docs/sam.md on the ascent gradients ``ascent`` (consumed in place): w <- w + e.
 
         Plain SAM normalises the gradients where autograd left them (a norm per tensor, then one scale
         and one add over all of them), unless two of them share memory (autograd may return one
