@@ -16,13 +16,14 @@ Where each column comes from:
   their values at that epoch, e.g. a cosine schedule's lr) is renamed ``reported/<name>``, so the
   config columns always hold the hyperparameters. Tune's bookkeeping (``timestamp``, ``pid``,
   ``checkpoint_path`` ...) is dropped.
-- status: Tune's status in its newest ``experiment_state-*.json``. Tune rewrites that file only
-  every few seconds, so while a trial is PENDING / RUNNING there (or not listed yet) its own files
-  decide: reported its last epoch -> TERMINATED; an ``error.txt`` recording more failures than
-  the sweep's ``max_failures`` retries, with no report since the last one -> ERROR; any report,
-  error file or checkpoint run -> RUNNING. A TERMINATED or ERROR in Tune's state is final. A
-  trial interrupted by a killed driver stays RUNNING until the sweep is resumed. No file times
-  are used, so a copy (``cp -r``, an upload) reads the same.
+- status: Tune's status in its newest ``experiment_state-*.json``. That file can lag a trial's own
+  files (Tune copies it from a background thread, at a period a sweep may lengthen), so while a
+  trial is PENDING / RUNNING there (or not listed yet) its own files decide: reported its last
+  epoch -> TERMINATED; an ``error.txt`` recording more failures than the sweep's ``max_failures``
+  retries, with no report since the last one -> ERROR; any report, error file or checkpoint run ->
+  RUNNING. A TERMINATED or ERROR in Tune's state is final. A trial interrupted by a killed driver
+  stays RUNNING until the sweep is resumed. No file times are used, so a copy (``cp -r``, an
+  upload) reads the same.
 """
 
 from __future__ import annotations
