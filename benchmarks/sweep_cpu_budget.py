@@ -15,6 +15,7 @@ less than 0.25 s may be missed. Then it prints:
 
     .venv/bin/python benchmarks/sweep_cpu_budget.py                       # digits_cpu, 12 trials, 2 at a time
     .venv/bin/python benchmarks/sweep_cpu_budget.py --num-samples 24 --rounds 3
+    .venv/bin/python benchmarks/sweep_cpu_budget.py --num-samples 4 --executor workers   # worker groups
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from pf_sweep.run_dir import RunDirectory
 ROOT = Path(__file__).resolve().parents[1]
 ROLES = [  # (role, a piece of the process's command line), first match wins
     ("trial actors", "ray::ImplicitFunc"),
+    ("Train controllers", "ray::TrainController"),
+    ("Train workers", "ray::RayTrainWorker"),
     ("idle Ray workers", "ray::IDLE"),
     ("dashboard agent", "ray::DashboardAgent"),
     ("dashboard agent", "dashboard/agent.py"),
@@ -105,10 +108,11 @@ def main() -> None:
     p.add_argument("--space", default="digits_cpu")
     p.add_argument("--num-samples", type=int, default=12)
     p.add_argument("--max-concurrent", type=int, default=2)
+    p.add_argument("--executor", choices=["auto", "workers"], default="auto")
     p.add_argument("--rounds", type=int, default=1, help="sweeps to run; medians are printed")
     args = p.parse_args()
     cores = psutil.cpu_count()
-    extra = ["--num-samples", str(args.num_samples), "--max-concurrent", str(args.max_concurrent)]
+    extra = ["--num-samples", str(args.num_samples), "--max-concurrent", str(args.max_concurrent), "--executor", args.executor]
     runs = [one_sweep(args.space, extra) for _ in range(args.rounds)]
 
     def med(get) -> float:
@@ -118,7 +122,8 @@ def main() -> None:
     names = sorted({k for r in runs for k in r["roles"]}, key=lambda k: -med(lambda r, k=k: r["roles"].get(k, 0.0)))
     used = med(lambda r: sum(r["roles"].values()))
     actors = med(lambda r: r["roles"].get("trial actors", 0.0))
-    print(f"{args.space}, {args.num_samples} trials, {args.max_concurrent} at a time, {cores} cores; medians of {len(runs)}")
+    print(f"{args.space}, {args.num_samples} trials, {args.max_concurrent} at a time, --executor {args.executor}, {cores} cores")
+    print(f"medians of {len(runs)} runs")
     efficiency = loop / (wall * args.max_concurrent)
     print(f"wall {wall:.1f} s, loop {loop:.1f} s, efficiency loop / (wall x {args.max_concurrent}) = {efficiency:.2f}")
     print(f"CPU the machine had (cores x wall): {cores * wall:.1f} s")

@@ -144,6 +144,9 @@ def _kill_local_autoscaler_monitor() -> None:
                 child.kill()
 
 
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
 @contextlib.contextmanager
 def _gloo_on_loopback():
     """While a local Ray starts (its processes keep the environment they start with): Gloo, the CPU
@@ -203,7 +206,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, *, verbo
             "could keep it on 127.0.0.1; call pf-sweep first, or set %s=0 before Python starts",
             SINGLE_MACHINE_ENV,
         )
-    with _gloo_on_loopback():
+    # Ray Train's preemption watcher polls for nodes being drained (spot instances, a cluster scaling
+    # down): a process per worker group that a machine's own Ray never needs. Clusters keep it.
+    with _gloo_on_loopback(), environ_while(PREEMPTION_WATCHER_ENV, "0"):
         ray.init(
             address="local",
             num_cpus=num_cpus or os.cpu_count(),

@@ -139,6 +139,17 @@ def _role(proc) -> str:
     return next((role for role, needle in _ROLES if needle in cmd), f"other:{proc.name()}")
 
 
+def _titles(processes) -> set[str]:
+    """The process titles Ray gives its actors (``ray::RayTrainWorker``...), of the processes still alive."""
+    import psutil
+
+    out = set()
+    for proc in processes:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            out.add((proc.cmdline() or [""])[0])
+    return out
+
+
 def _listening(processes) -> set[tuple[str, int, str]]:
     """(address, port, role) of every listening TCP socket of these processes."""
     import psutil
@@ -229,11 +240,13 @@ def interrupted_sweep(tmp_path_factory):
     driver = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     runs, listening, deadline = storage / "safe" / "runs", set(), time.monotonic() + 240
     seen: set[psutil.Process] = set()
+    titles: set[str] = set()
     auth_mode, answers, marker, checkpointed = None, None, tmp_path / "job-ran", None
     try:
         while time.monotonic() < deadline and driver.poll() is None:
             tree = [psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)]
             seen |= set(tree)
+            titles |= _titles(tree)
             listening |= _listening(tree)
             auth_mode = auth_mode or _auth_mode(tree)
             roles = {role for _, _, role in listening}
@@ -258,7 +271,7 @@ def interrupted_sweep(tmp_path_factory):
     assert driver.returncode == -signal.SIGKILL, (tmp_path / "driver.log").read_text()[-3000:]
     out = {"cmd": cmd, "env": env, "cwd": tmp_path, "home": home, "sweep_dir": storage / "safe", "listening": listening}
     time.sleep(2.0 if answers else 0.0)  # a job that was accepted would have run by now
-    return {**out, "auth_mode": auth_mode, "answers": answers, "job_ran": marker.exists()}
+    return {**out, "auth_mode": auth_mode, "answers": answers, "job_ran": marker.exists(), "titles": titles}
 
 
 @pytest.mark.ray
@@ -280,6 +293,16 @@ def test_a_local_worker_group_sweep_listens_on_loopback_but_for_torchs_store_and
     assert http == {"127.0.0.1"}, f"the dashboard's HTTP port is not on loopback alone: {sorted(listening)}"
     assert interrupted_sweep["auth_mode"] == "token", "the local cluster started without token authentication"
     assert (interrupted_sweep["home"] / ".ray" / "auth_token").read_text().strip(), "no token was generated"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_local_worker_group_starts_no_preemption_watcher(interrupted_sweep):
+    # Ray Train's watcher of drained nodes is a process per worker group; a machine's own Ray has no
+    # nodes to drain, so pf-sweep turns it off there (RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0).
+    actors = {title.removeprefix("ray::").split(".")[0] for title in interrupted_sweep["titles"] if title.startswith("ray::")}
+    assert {"RayTrainWorker", "TrainController"} <= actors, f"the scans missed the worker group: {sorted(actors)}"
+    assert "PreemptionWatcher" not in actors, sorted(actors)
 
 
 @pytest.mark.ray

@@ -106,9 +106,9 @@ def test_uri_storage_keeps_checkpoints_and_history(ray_cluster, tmp_path):
 def test_a_local_ray_from_the_api_is_on_loopback_and_its_monitor_is_stopped_alone():
     """``ensure_ray`` in a fresh process that has not imported Ray (as ``run_trial``, ``launch`` and the
     analysis functions call it): the node address is loopback, Gloo is pinned to the loopback interface
-    in the local Ray's processes but not left in the caller's environment, and stopping the autoscaler
-    monitor (``pf_sweep.trial._kill_local_autoscaler_monitor``, run before Ray's exit handler) kills
-    only the monitor while Ray keeps working."""
+    in the local Ray's processes but not left in the caller's environment (nor is Train's preemption
+    watcher switch), and stopping the autoscaler monitor (``pf_sweep.trial._kill_local_autoscaler_monitor``,
+    run before Ray's exit handler) kills only the monitor while Ray keeps working."""
     import subprocess
     import sys
     from pathlib import Path
@@ -131,12 +131,17 @@ monitors = sorted(pid for pid, c in before.items() if any("/ray/autoscaler/" in 
 _kill_local_autoscaler_monitor()
 time.sleep(0.5)
 print(ray.util.get_node_ip_address(), raylet.environ().get("GLOO_SOCKET_IFNAME"), "GLOO_SOCKET_IFNAME" in os.environ)
+watcher = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+print(raylet.environ().get(watcher), watcher in os.environ)
 print(len(before), len(monitors), sorted(set(before) - set(running())) == monitors, ray.get(ray.put(7)))
 """
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    address, gloo, leaked, children, monitors, only_the_monitor_died, value = proc.stdout.split()
+    address, gloo, leaked, watcher, watcher_leaked, children, monitors, only_the_monitor_died, value = proc.stdout.split()
     assert address == "127.0.0.1" and gloo == "lo" and leaked == "False"
+    # Ray Train's preemption watcher, a process per worker group, is off in a local Ray (and the
+    # caller's environment is as it was).
+    assert watcher == "0" and watcher_leaked == "False"
     assert int(children) > 2 and monitors == "1" and only_the_monitor_died == "True" and value == "7"
     assert "every interface" not in proc.stderr  # the warning for a Ray imported too early
