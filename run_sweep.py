@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     exists = (sweep_dir / SWEEP_FILE).exists()
     try:
         if args.resume:
-            meta = preflight.read_resumable(sweep_dir)
+            meta = preflight.read_resumable(sweep_dir, mend=not args.dry_run)
             metric, mode = meta.get("metric", space.metric), meta.get("mode", space.mode)
             preflight.check_storage(str(sweep_dir), field="--storage/--name")
             if args.address is None:  # the resumed trials ask for what they asked for at launch

@@ -456,8 +456,12 @@ def cluster_refuses_token(address: str | None) -> bool:
 
 
 # ---------------------------------------------------------------------- resume
-def read_resumable(sweep_dir: Any) -> dict[str, Any]:
-    """``sweep.json`` of a sweep ``--resume`` can continue (a ``StoragePath``), its Tune state mended; ValueError otherwise."""
+def read_resumable(sweep_dir: Any, *, mend: bool = True) -> dict[str, Any]:
+    """``sweep.json`` of a sweep ``--resume`` can continue (a ``StoragePath``); ValueError otherwise.
+
+    ``mend``: put back Tune state files a killed driver left cut short (``pf_sweep.tune_state``);
+    a dry run leaves the directory as it is.
+    """
     from pf_sweep.sweep import read_sweep
 
     meta = read_sweep(sweep_dir)
@@ -465,8 +469,8 @@ def read_resumable(sweep_dir: Any) -> dict[str, Any]:
         raise ValueError(
             f"No restorable sweep at {sweep_dir} (Tune saved no {TUNER_STATE} there); launch it again without --resume"
         )
-    # A driver killed while Tune copied its state leaves a file cut short; Tune staged a whole copy.
-    mend_torn_state(sweep_dir)
+    if mend:  # a driver killed while Tune copied its state leaves a file cut short; Tune staged a whole copy
+        mend_torn_state(sweep_dir)
     return meta
 
 

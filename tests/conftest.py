@@ -30,9 +30,23 @@ def finished_and_running(runs: Path, last_epoch: int) -> tuple[list[Path], list[
     return finished, running
 
 
-def tear_experiment_state(sweep_dir: Path) -> Path:
-    """Cut the sweep's newest Tune experiment state in half, as a driver killed mid-copy leaves it."""
+def tear_experiment_state(sweep_dir: Path) -> Path | None:
+    """Cut the sweep's newest Tune experiment state in half, as a driver killed mid-copy leaves it.
+
+    Only when Tune's staged copies of that session are whole: a kill can also land while Tune writes
+    its staging folder (a few percent of the time), and no mend is possible then; the resume goes
+    on from what the kill left. None when it left the state as it was."""
+    from pf_sweep.tune_state import TUNE_STATE_FILES, is_complete, ray_temp_root, staging_dirs, stamp_of
+
     state = max(sweep_dir.glob("experiment_state-*.json"))
+    stamp = stamp_of(state.name, TUNE_STATE_FILES[0])
+    staged = staging_dirs(sweep_dir.name, state.name, ray_temp_root())
+    if not staged or not all(
+        is_complete((staged[0] / t.format(stamp)).read_bytes())
+        for t in TUNE_STATE_FILES
+        if (staged[0] / t.format(stamp)).exists()
+    ):
+        return None
     data = state.read_bytes()
     state.write_bytes(data[: len(data) // 2])
     return state

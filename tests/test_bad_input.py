@@ -112,7 +112,8 @@ CLI_CASES = [
         "resume-of-a-torn-state",
         ["--storage", "{root}/sweeps", "--name", "torn", "--resume"],
         {"RAY_TMPDIR": "{root}/empty-ray-tmp"},
-        "experiment_state-2026-12-04_10-00-05.json in {root}/sweeps/torn is incomplete",
+        "json in {root}/sweeps/torn is incomplete: the sweep's driver was killed while Tune copied it, and no complete "
+        "staged copy was found under {root}/empty-ray-tmp/ray/session_*/artifacts/*/torn/driver_artifacts",
     ),
     ("address-unreachable", ["--address", "{closed}"], {}, "Invalid --address (address): '{closed}' (nothing answers"),
 ]

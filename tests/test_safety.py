@@ -233,6 +233,7 @@ def interrupted_sweep(tmp_path_factory):
     home, storage = tmp_path / "home", tmp_path / "store"
     home.mkdir()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_API_KEY": SECRET, "HOME": str(home)}
+    env.pop("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", None)  # pf-sweep's default decides
     args = ["--storage", str(storage), "--name", "safe", "--num-samples", "1", "--executor", "workers"]
     args += ["--set", "epochs=4", "--set", "train_split=train[:512]", "--max-failures", "0"]
     cmd = [sys.executable, str(ROOT / "run_sweep.py"), *args]

@@ -222,7 +222,8 @@ def test_killed_sweep_driver_resumes_without_losing_or_repeating_trials(tmp_path
 
     proc = _cli([*args, "--resume"], storage=storage, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"{torn.name} in {storage / 'k'} was cut short" in proc.stdout + proc.stderr
+    if torn is not None:
+        assert f"{torn.name} in {storage / 'k'} was cut short" in proc.stdout + proc.stderr
     summary = pd.read_csv(storage / "k" / "summary.csv")
     assert len(summary) == 3 and set(summary["epoch"]) == {epochs - 1}
     after = _tune_epochs(storage / "k")

@@ -136,7 +136,8 @@ print(raylet.environ().get(watcher), watcher in os.environ)
 print(len(before), len(monitors), sorted(set(before) - set(running())) == monitors, ray.get(ray.put(7)))
 """
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"}  # pf-sweep's default
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     address, gloo, leaked, watcher, watcher_leaked, children, monitors, only_the_monitor_died, value = proc.stdout.split()
     assert address == "127.0.0.1" and gloo == "lo" and leaked == "False"

@@ -2,7 +2,9 @@
 
 import json
 import logging
+import os
 import pickle
+from pathlib import Path
 
 import pytest
 
@@ -117,3 +119,56 @@ def test_a_torn_tuner_state_is_refused_as_nothing_to_resume(tmp_path):
         mend_torn_state(StoragePath.of(sweep_dir), temp_root=tmp_path / "ray")
     (sweep_dir / "tuner.pkl").write_bytes(pickle.dumps({"param_space": {}}))
     assert mend_torn_state(StoragePath.of(sweep_dir), temp_root=tmp_path / "ray") == []
+
+
+def test_each_kind_is_checked_as_tune_picks_it_and_hidden_temp_files_are_not_staged_state(tmp_path):
+    # A resumed driver (session NEWER) killed in its first copy: its searcher state arrived torn, its
+    # experiment state not at all. Tune would read searcher-state-NEWER.pkl; the staged NEWER set
+    # goes back, and a half-written temporary file of Tune's in the staging folder is no part of it.
+    newer = "2026-12-05_08-00-00"
+    sweep_dir = tmp_path / "s"
+    sweep_dir.mkdir()
+    (sweep_dir / f"experiment_state-{SESSION}.json").write_bytes(_state(2))
+    (sweep_dir / f"searcher-state-{SESSION}.pkl").write_bytes(_searcher(2))
+    (sweep_dir / f"searcher-state-{newer}.pkl").write_bytes(_searcher(3)[:20])
+    staged = {f"experiment_state-{newer}.json": _state(3), f"searcher-state-{newer}.pkl": _searcher(3)}
+    staging = _stage(tmp_path / "ray", "s", {**staged, f".1234-tmp-searcher-state-{newer}.pkl": b"\x80\x05"}, stamp=newer)
+    assert mend_torn_state(StoragePath.of(sweep_dir), temp_root=tmp_path / "ray") == sorted(staged)
+    for name, data in staged.items():
+        assert (sweep_dir / name).read_bytes() == data
+    assert not (sweep_dir / f".1234-tmp-searcher-state-{newer}.pkl").exists()
+    assert (staging / f".1234-tmp-searcher-state-{newer}.pkl").exists()
+
+
+def test_the_newest_own_staging_is_taken_and_a_symlinked_file_never(sweep, tmp_path):
+    where, sweep_dir, _ = sweep
+    temp_root = tmp_path / "ray"
+    name = f"experiment_state-{SESSION}.json"
+    old = _stage(temp_root, "s", {name: _state(3)}, ray_session="session_a")
+    new = _stage(temp_root, "s", {name: _state(5)}, ray_session="session_b")
+    os.utime(old, (1_000, 1_000))
+    os.utime(new, (2_000, 2_000))
+    mend_torn_state(where, temp_root=temp_root)
+    assert (sweep_dir / name).read_bytes() == _state(5)
+
+    (sweep_dir / name).write_bytes(b"{")  # torn again; now the only staged copy is a link
+    linked = tmp_path / "elsewhere.json"
+    linked.write_bytes(_state(9))
+    for staged in (old, new):
+        (staged / name).unlink()
+    (new / name).symlink_to(linked)
+    with pytest.raises(ValueError, match="no complete staged copy"):
+        mend_torn_state(where, temp_root=temp_root)
+
+
+def test_rays_temp_root_follows_ray(monkeypatch):
+    from pf_sweep import tune_state
+
+    monkeypatch.setenv("TMPDIR", "/var/tmpdir")
+    monkeypatch.setenv("RAY_TMPDIR", "/scratch")
+    assert tune_state.ray_temp_root() == Path("/scratch/ray")
+    monkeypatch.delenv("RAY_TMPDIR")
+    monkeypatch.setattr(tune_state.sys, "platform", "linux")
+    assert tune_state.ray_temp_root() == Path("/var/tmpdir/ray")
+    monkeypatch.setattr(tune_state.sys, "platform", "darwin")  # macOS always sets TMPDIR; Ray ignores it there
+    assert tune_state.ray_temp_root() == Path("/tmp/ray")
