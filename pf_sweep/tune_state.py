@@ -20,6 +20,7 @@ import os
 import pickletools
 import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,20 +157,21 @@ def _put_back_session(fs: Any, root: str, sweep_dir: Any, stamp: str, torn: list
     )
 
 
-def _own_regular_file(path: Path) -> bool:
+def _owned(path: Path, is_kind: Callable[[int], bool]) -> bool:
+    """``path`` is this user's, of that kind (``stat.S_ISREG``, ``stat.S_ISDIR``), and not a link."""
     try:
         info = path.lstat()
     except OSError:
         return False
-    return stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid()
+    return is_kind(info.st_mode) and info.st_uid == os.getuid()
+
+
+def _own_regular_file(path: Path) -> bool:
+    return _owned(path, stat.S_ISREG)
 
 
 def _own_dir(path: Path) -> bool:
-    try:
-        info = path.lstat()
-    except OSError:
-        return False
-    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
+    return _owned(path, stat.S_ISDIR)
 
 
 def _file_names(fs: Any, root: str) -> list[str]:
