@@ -197,8 +197,10 @@ def training_curves(
 
     ``metrics=None`` plots those of ``train/loss``, ``val/loss``, ``val/top1``, ``forget/flip_rate``,
     ``forget/loss_increase``, ``forget/kl`` the history has; a metric asked for by name must exist.
-    ``trial_ids=None`` plots every trial. Lines are labelled by trial id and the method,
-    perturbation, rho and m columns present; the legend is left out above 12 trials.
+    ``trial_ids=None`` plots every trial. Up to 12 trials, lines are labelled by trial id and the
+    method, perturbation, rho and m columns present; above, they are coloured by whichever of
+    method and perturbation the history has (it leaves out a field all trials share), one legend
+    entry per group, or drawn without a legend when it has neither.
     """
     if not isinstance(history, pd.DataFrame) or history.empty:
         raise ValueError("Invalid history: need a non-empty DataFrame (analysis.load_history)")
@@ -212,36 +214,63 @@ def training_curves(
     for ax in axes[len(metrics) :]:
         ax.remove()
     curves = [group.sort_values("epoch") for _, group in rows.groupby("trial_id", sort=False)]
-    by_group = len(curves) > MAX_LEGEND and {"method", "perturbation"} <= set(rows.columns)
-    colours, labels = _curve_styles(curves, by_group)
+    few = len(curves) <= MAX_LEGEND
+    # Many trials are coloured by whichever of method and perturbation vary (load_history drops a fixed one).
+    group_by = [] if few else [c for c in ("method", "perturbation") if c in rows.columns]
+    colours, labels = _curve_styles(curves, group_by)
+    epochs = sorted(rows["epoch"].unique())
     for ax, metric in zip(axes, metrics, strict=False):
         for curve, colour, label in zip(curves, colours, labels, strict=True):
             values = pd.to_numeric(curve[metric], errors="coerce")
-            few = len(curves) <= MAX_LEGEND
-            ax.plot(curve["epoch"], values, marker="." if few else None, alpha=1.0 if few else 0.5, color=colour, label=label)
+            marker = "." if few or len(curve) == 1 else None  # a one-point line draws nothing without a marker
+            ax.plot(curve["epoch"], values, marker=marker, alpha=1.0 if few else 0.5, color=colour, label=label)
         ax.set_title(metric)
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(epochs) == 1:  # else matplotlib spreads fractional ticks around the one epoch
+            ax.set_xlim(epochs[0] - 0.5, epochs[0] + 0.5)
+            ax.set_xticks(epochs)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    if len(curves) <= MAX_LEGEND or by_group:
+    if few or group_by:
         handles, names = axes[0].get_legend_handles_labels()
         unique = dict(zip(names, handles, strict=True))  # one entry per group when coloured by group
+        if group_by:  # groups in the tables' order, which their colours C0, C1, ... follow
+            unique = dict(sorted(unique.items(), key=lambda item: int(item[1].get_color()[1:])))
         fig.legend(unique.values(), unique.keys(), loc="outside lower center", ncols=min(3, len(unique)), fontsize="small")
-    if len(curves) > MAX_LEGEND:
-        fig.suptitle(f"{len(curves)} trials" + (", coloured by method and perturbation" if by_group else " (legend left out)"))
+    if not few:
+        how = f", coloured by {' and '.join(group_by)}" if group_by else " (legend left out)"
+        fig.suptitle(f"{len(curves)} trials{how}")
     return fig
 
 
-def _curve_styles(curves: list[pd.DataFrame], by_group: bool) -> tuple[list[str], list[str]]:
-    """A colour and a legend label per trial: its own (few trials), or its (method, perturbation)'s."""
-    if not by_group:
+def _curve_styles(curves: list[pd.DataFrame], group_by: list[str]) -> tuple[list[str], list[str]]:
+    """A colour and a legend label per trial: its own (no ``group_by``), or its group's, the groups
+    being its values of ``group_by`` (method, perturbation, or both), in the tables' order."""
+    if not group_by:
         return [f"C{i % 10}" for i in range(len(curves))], [_trial_label(c) for c in curves]
-    keys = [(c["method"].iloc[0], c["perturbation"].iloc[0]) for c in curves]
+    keys = [_group_key(c, group_by) for c in curves]
     order = {
         key: i for i, key in enumerate(k for k, _ in _in_paper_order(pd.DataFrame(keys, columns=["method", "perturbation"])))
     }
-    labels = ["SGD" if k[0] == "sgd" else _series_label(*k) for k in keys]
-    return [f"C{order[k] % 10}" for k in keys], labels
+    return [f"C{order[k] % 10}" for k in keys], [_group_label(*k) for k in keys]
+
+
+def _group_key(curve: pd.DataFrame, group_by: list[str]) -> tuple[str, str]:
+    """(method, perturbation) of a trial, "" for a column not grouped by; SGD has no perturbation."""
+    method = str(curve["method"].iloc[0]) if "method" in group_by else ""
+    perturbation = str(curve["perturbation"].iloc[0]) if "perturbation" in group_by and method != "sgd" else ""
+    return method, perturbation
+
+
+def _group_label(method: str, perturbation: str) -> str:
+    if method == "sgd":
+        return "SGD"
+    if not perturbation:
+        return METHOD_LABELS.get(method, method)
+    if not method:
+        return PERTURBATION_LABELS.get(perturbation, perturbation)
+    return _series_label(method, perturbation)
 
 
 def _curve_metrics(history: pd.DataFrame, metrics: Sequence[str] | None) -> list[str]:
@@ -271,13 +300,24 @@ def _select_trials(history: pd.DataFrame, trial_ids: Sequence[str] | None) -> pd
 
 
 def _trial_label(curve: pd.DataFrame) -> str:
+    """Trial id, method/perturbation, rho and m, of those the history has; SGD perturbs nothing, so
+    it shows no perturbation, rho or m, and a value that is missing (NaN) is left out."""
     first = curve.iloc[0]
     parts = [str(first["trial_id"])]
+    sgd = "method" in curve.columns and str(first["method"]) == "sgd"
     if "method" in curve.columns:
         method = METHOD_LABELS.get(str(first["method"]), str(first["method"]))
-        pert = f"/{PERTURBATION_LABELS.get(str(first['perturbation']), first['perturbation'])}" if "perturbation" in curve else ""
+        has_pert = "perturbation" in curve.columns and not sgd
+        pert = f"/{PERTURBATION_LABELS.get(str(first['perturbation']), first['perturbation'])}" if has_pert else ""
         parts.append(method + pert)
-    parts += [f"{name}={_short(first[col])}" for col, name in (("rho", "ρ"), ("sharpness_m", "m")) if col in curve.columns]
+    elif "perturbation" in curve.columns:
+        parts.append(PERTURBATION_LABELS.get(str(first["perturbation"]), str(first["perturbation"])))
+    if not sgd:
+        parts += [
+            f"{name}={_short(first[col])}"
+            for col, name in (("rho", "ρ"), ("sharpness_m", "m"))
+            if col in curve.columns and not pd.isna(first[col])
+        ]
     return " ".join(parts)
 
 

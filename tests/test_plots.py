@@ -228,6 +228,39 @@ def test_training_curves_colour_many_trials_by_method_and_perturbation():
     assert sorted(t.get_text() for t in fig.legends[0].get_texts()) == ["SAM (OBF)", "SAM (max)", "SGD"]
 
 
+def test_training_curves_colour_many_trials_by_the_perturbation_when_the_method_is_fixed():
+    # load_history leaves out a field every trial shares, as the method of m_sharpness_study (SAM)
+    history = _history(n_trials=21)
+    history = history[history.method == "sam"].drop(columns="method")  # 14 trials
+    fig = plots.training_curves(history, metrics=["val/top1"])
+    lines = fig.axes[0].lines
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["max", "OBF"]  # the tables' order
+    by_perturbation = {}
+    for line, trial in zip(lines, history.drop_duplicates("trial_id")["perturbation"], strict=True):
+        by_perturbation.setdefault(trial, set()).add(line.get_color())
+    assert all(len(colours) == 1 for colours in by_perturbation.values())
+    assert by_perturbation["max"] != by_perturbation["obf"]
+    assert fig.get_suptitle() == "14 trials, coloured by perturbation"
+    few = plots.training_curves(history[history.trial_id.isin(["t1", "t2"])], metrics=["val/top1"])
+    assert [t.get_text() for t in few.legends[0].get_texts()] == ["t1 OBF ρ=0.05 m=16", "t2 max ρ=0.05 m=16"]
+
+
+def test_training_curves_of_one_epoch_draw_a_point_per_trial_on_one_integer_tick():
+    history = _history(n_trials=15, epochs=1)
+    fig = plots.training_curves(history, metrics=["val/top1", "val/loss"])
+    for ax in fig.axes:
+        assert all(line.get_marker() not in (None, "None", "") for line in ax.lines)
+        assert list(ax.get_xticks()) == [0]
+        assert ax.get_xlim() == (-0.5, 0.5)
+
+
+def test_training_curves_label_sgd_without_perturbation_rho_or_m_and_skip_missing_values():
+    history = _history(n_trials=3)
+    history.loc[history.trial_id == "t1", "sharpness_m"] = np.nan
+    fig = plots.training_curves(history, metrics=["val/top1"])
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["t0 SGD", "t1 SAM/OBF ρ=0.05", "t2 SAM/max ρ=0.05 m=16"]
+
+
 def test_training_curves_name_a_missing_metric_and_unknown_trials():
     history = _history()
     with pytest.raises(ValueError, match=r"\['forget/kl'\] not in history \(columns: .*'train/loss'"):
