@@ -372,7 +372,8 @@ def check_address(address: str | None, *, field: str = "--address") -> None:
         reason = "no answer" if isinstance(err, TimeoutError) else (err.strerror or type(err).__name__)
         raise ValueError(
             f"Invalid {field}: {address!r} (nothing answers at {host}:{port}: {reason}); "
-            "check the head node's address and port (`ray status` on the head) and that the cluster is up"
+            "check the head node's address and port and that the cluster is up (`ray status` on the head; "
+            "`RAY_AUTH_MODE=token ray status` where the cluster was started with token authentication)"
         ) from None
     if reply.startswith((b"HTTP/", b"<")):
         raise ValueError(
@@ -508,6 +509,20 @@ def planned_configs(space: Any, settings: Any, base: dict[str, Any]) -> list[Any
     return configs
 
 
+def check_overrides_fixed(space: Any, overrides: dict[str, Any]) -> None:
+    """A ``--set`` of a field the space searches would be replaced by each trial's searched value
+    without a word, and the sweep would train something else than asked: refused, saying which."""
+    searched = getattr(space, "searched_fields", None)
+    clash = sorted(set(overrides) & searched()) if searched is not None else []
+    if clash:
+        fields = ", ".join(clash)
+        raise ValueError(
+            f"Invalid --set {fields}: space {space.name!r} searches {'it' if len(clash) == 1 else 'them'} "
+            f"(it searches {', '.join(sorted(searched()))}); --set fixes only the fields a space leaves fixed. "
+            "To fix a searched field, use or write a space that leaves it fixed (see search_spaces/)"
+        )
+
+
 def check_sweep(
     space: Any,
     settings: Any,
@@ -522,6 +537,7 @@ def check_sweep(
 
     settings.validate()
     base = trial_base(space, settings)
+    check_overrides_fixed(space, settings.overrides or {})
     on_cluster = address is not None or ray_running()
     if not on_cluster:
         check_local_resources(settings.workers_per_trial, settings.cpus_per_worker, settings.gpus_per_worker)

@@ -12,6 +12,7 @@ import optuna
 from pf_sweep.config import TrialConfig
 
 Suggest = Callable[[optuna.Trial], dict[str, Any] | None]
+SEARCHED_PROBES = 64  # proposals drawn to find a define-by-run space's fields, conditional ones included
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,18 @@ class SearchSpace:
             out.append({**trial.params, **constants})
             study.tell(trial, 0.0)
         return out
+
+    def searched_fields(self) -> set[str]:
+        """The fields this space sets per trial, which a fixed override (``--set``) cannot change.
+
+        A grid's keys; for ``suggest``, every field that its first ``SEARCHED_PROBES`` proposals of a
+        seeded random sampler set (conditional ones included: the probes take every branch) and the
+        points to evaluate. A preset's named runs search nothing: ``--set`` wins over their fields.
+        """
+        if self.points is not None:
+            return set()
+        probes = self.sample(len(self.points_to_evaluate) + SEARCHED_PROBES, seed=0) if self.grid is None else [self.grid]
+        return {field for params in [*probes, *self.points_to_evaluate] for field in params}
 
     def point(self, run: str) -> dict[str, Any]:
         """The searched-parameter dict of the named run ``run`` (its fields and its name)."""

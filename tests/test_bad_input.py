@@ -101,6 +101,7 @@ CLI_CASES = [
     ("gsam-alpha-without-gsam", ["--set", "gsam_alpha=0.1"], {}, "Invalid gsam_alpha: 0.1 (only with method='gsam')"),
     ("malformed-set", ["--set", "rho"], {}, "Invalid --set 'rho' (expected FIELD=VALUE)"),
     ("unreadable-set-value", ["--set", "rho=abc"], {}, "Invalid rho: 'abc'"),
+    ("set-a-searched-field", ["--set", "rho=0.1"], {}, "Invalid --set rho: space 'digits_cpu' searches it"),
     ("gpu-on-a-machine-without", ["--gpus-per-worker", "1"], {"CUDA_VISIBLE_DEVICES": ""}, "gpus_per_worker=1"),
     ("more-cpus-than-the-machine", ["--workers-per-trial", "2", "--cpus-per-worker", CPUS], {}, "Impossible resources"),
     ("storage-not-creatable", ["--storage", "/proc/forbidden/place"], {}, "Invalid --storage (storage_path): '/proc/forbidden"),
@@ -281,6 +282,7 @@ def test_run_trial_refuses_bad_input_before_ray(case, files, no_ray, monkeypatch
 LAUNCH_CASES = [
     ("gpu-without-gpus", {"gpus_per_worker": 1.0}, {}, {"CUDA_VISIBLE_DEVICES": ""}, r"this machine has no GPU"),
     ("unknown-model", {"overrides": {"model": "resnet5000"}}, {}, {}, r"Invalid model: 'resnet5000'"),
+    ("set-searched-fields", {"overrides": {"lr": 0.1, "sharpness_m": 8}}, {}, {}, r"--set lr, sharpness_m: .* searches them"),
     ("storage-not-creatable", {}, {"storage_path": "/proc/forbidden/place"}, {}, r"'/proc/forbidden/place' \(cannot create"),
     ("pretrained-code", {"overrides": {"pretrained_path": "{code}"}}, {}, {}, r"Invalid pretrained_path: .*pickles code"),
     ("address-unreachable", {}, {"address": "{closed}"}, {}, r"Invalid --address \(address\): .*nothing answers"),

@@ -78,3 +78,26 @@ def test_a_resumed_sweep_imports_the_space_file_its_pickled_searcher_names(tmp_p
     path.unlink()
     proc = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode != 0 and "its space file" in proc.stderr and "is gone" in proc.stderr
+
+
+def _conditional(trial):
+    method = trial.suggest_categorical("method", ["sgd", "sam"])
+    if method == "sam":
+        perturbation = trial.suggest_categorical("perturbation", ["max", "obf"])
+        if perturbation == "obf":
+            trial.suggest_float("obf_gamma", 0.5, 1.0)
+    return {"seed": 1}
+
+
+def test_searched_fields_are_every_branchs_fields_a_grids_keys_and_none_for_named_runs():
+    from search_spaces.base import SearchSpace
+
+    suggest = SearchSpace(name="s", description="", base={}, suggest=_conditional, points_to_evaluate=({"lr": 0.1},))
+    # obf_gamma is set by one proposal in four: the probes must reach it; constants count too
+    assert suggest.searched_fields() == {"method", "perturbation", "obf_gamma", "seed", "lr"}
+    grid = SearchSpace(name="g", description="", base={}, grid={"rho": [0.1, 0.2], "seed": [0, 1]})
+    assert grid.searched_fields() == {"rho", "seed"}
+    runs = SearchSpace(name="p", description="", base={}, points={"a": {"rho": 0.1}})
+    assert runs.searched_fields() == set()
+    shipped = search_spaces.get("digits_cpu").searched_fields()
+    assert {"rho", "lr", "sharpness_m", "obf_gamma"} <= shipped and not {"epochs", "model", "dataset"} & shipped
