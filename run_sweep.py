@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     summary = sweep_dir / "summary.csv"
     summary.write_text(frame.to_csv(index=False))
-    print(f"\nBest trial ({metric} = {best['metrics'].get(metric)}):")
+    print(f"\nBest trial ({metric} = {best['metrics'].get(metric):.6g}):")
     print(json.dumps(best["config"], indent=1, sort_keys=True))
     print(f"checkpoint: {best['checkpoint']}")
     print(f"results: {sweep_dir}  summary: {summary}")

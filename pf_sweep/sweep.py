@@ -546,9 +546,36 @@ def _with_unlogged_trials(frame, results):
     return pd.concat([frame, pd.DataFrame(missing)], ignore_index=True) if missing else frame
 
 
+def best_result(results, metric: str, mode: str):
+    """The result whose last ``metric`` is best (NaN and infinities left out); equal scores go to the
+    trial that reported its last result first, then to the smaller trial id.
+
+    Not Tune's ``get_best_result``: it keeps the first of equal scores in its own result order, which
+    ``--resume`` changes, so the same finished sweep could name another best trial once resumed.
+    RuntimeError when no trial reported ``metric`` (as Tune's).
+    """
+
+    def score(result) -> float | None:
+        value = (result.metrics or {}).get(metric)
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        return float(value) if ok else None
+
+    scored = [(value, result) for result in results if (value := score(result)) is not None]
+    if not scored:
+        raise RuntimeError(f"No trial reported a finite {metric!r}")
+    sign = -1.0 if mode == "max" else 1.0
+
+    def rank(item: tuple[float, Any]) -> tuple[float, float, str]:
+        value, result = item
+        metrics = result.metrics or {}
+        return sign * value, float(metrics.get("timestamp", math.inf)), str(metrics.get("trial_id", ""))
+
+    return min(scored, key=rank)[1]
+
+
 def summarize(results, metric: str, mode: str) -> tuple[dict[str, Any], Any]:
     """(best trial's config / metrics / checkpoint, per-trial DataFrame)."""
-    best = results.get_best_result(metric=metric, mode=mode)
+    best = best_result(results, metric, mode)
     frame = _with_unlogged_trials(results.get_dataframe(), results)
     return {
         "config": best.config,

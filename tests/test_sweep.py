@@ -347,3 +347,22 @@ def test_summary_keeps_a_trial_whose_result_file_lost_its_rows():
     row = frame.set_index("trial_id").loc["b"]
     assert row["val/top1"] == 95.0 and row["config/lr"] == 0.2 and row["epoch"] == 1.0
     assert best["config"] == {"lr": 0.2}
+
+
+def test_the_best_trial_of_equal_scores_is_the_one_that_finished_first_in_any_result_order():
+    # Tune's result order changes on --resume; the named winner must not.
+    from types import SimpleNamespace
+
+    from pf_sweep.sweep import best_result
+
+    def result(trial_id, top1, timestamp):
+        return SimpleNamespace(metrics={"trial_id": trial_id, "val/top1": top1, "timestamp": timestamp})
+
+    results = [result("late", 99.4, 200), result("early", 99.4, 100), result("worse", 98.0, 50), result("nan", float("nan"), 1)]
+    for order in (results, results[::-1], results[1:] + results[:1]):
+        assert best_result(order, "val/top1", "max").metrics["trial_id"] == "early"
+    assert best_result(results, "val/top1", "min").metrics["trial_id"] == "worse"
+    same_second = [result("b", 99.4, 100), result("a", 99.4, 100)]
+    assert best_result(same_second, "val/top1", "max").metrics["trial_id"] == "a"
+    with pytest.raises(RuntimeError, match="No trial reported"):
+        best_result([result("nan", float("nan"), 1), SimpleNamespace(metrics=None)], "val/top1", "max")
