@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -90,10 +91,14 @@ class _HessianOperator:
 
     def _forward_over_reverse(self, v: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(v)
-        for x, y in self.batches:
-            grad = torch.func.grad(lambda w, x=x, y=y: self.fm.loss(w, x, y))
-            _, hv = torch.func.jvp(grad, (self.fm.w0,), (v,))
-            out.add_(hv, alpha=len(x) / self.total)
+        with warnings.catch_warnings():
+            # torch.func.jvp's first call imports torch's JVP decompositions, which still use
+            # torch.jit.script and warn that it is deprecated: torch's own affair, not the user's.
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+            for x, y in self.batches:
+                grad = torch.func.grad(lambda w, x=x, y=y: self.fm.loss(w, x, y))
+                _, hv = torch.func.jvp(grad, (self.fm.w0,), (v,))
+                out.add_(hv, alpha=len(x) / self.total)
         return out
 
     def _batch_gradient(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

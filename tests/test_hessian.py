@@ -267,3 +267,24 @@ def test_float32_model_runs_lanczos_in_single_precision_within_tol(setup):
     values, info = hessian.top_eigenvalues(model.float(), LOSS, [(x.float(), y) for x, y in data], k=2, return_info=True)
     assert info["converged"]
     np.testing.assert_allclose(values, torch.linalg.eigvalsh(dense).flip(0)[:2].tolist(), rtol=1e-3)
+
+
+def test_the_first_forward_over_reverse_hvp_of_a_process_warns_nothing():
+    # torch.func.jvp's first call imports torch's JVP decompositions, which warn about torch.jit.script;
+    # with warnings as errors that import would fail and 'auto' would fall back to double backward.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import torch\nfrom torch import nn\nfrom analysis import hessian\n"
+        "torch.manual_seed(0)\nmodel = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))\n"
+        "x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))\n"
+        "print(hessian.top_eigenvalues(model, nn.functional.cross_entropy, [(x, y)], k=1))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True, cwd=root, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "HVP failed" not in out.stderr and "Warning" not in out.stderr, out.stderr[-2000:]
