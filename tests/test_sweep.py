@@ -157,7 +157,7 @@ def test_four_trial_sweep_finishes_and_reports_the_best_stored_trial(tmp_path, e
     summary = pd.read_csv(sweep_dir / "summary.csv")
     assert len(summary) == 4
     best_value = summary["val/top1"].max()
-    assert f"val/top1 = {best_value}" in proc.stdout
+    assert f"val/top1 = {best_value:.6g}):" in proc.stdout
     runs = sorted((sweep_dir / "runs").iterdir())
     assert len(runs) == 4 and all(any(r.glob("checkpoint_*/state.pt")) for r in runs)
     # Tune's trial directories are named by trial id too, like the Train runs.
