@@ -88,9 +88,10 @@ class SearchSpace:
     def searched_fields(self) -> set[str]:
         """The fields this space sets per trial, which a fixed override (``--set``) cannot change.
 
-        A grid's keys; for ``suggest``, every field that its first ``SEARCHED_PROBES`` proposals of a
-        seeded random sampler set (conditional ones included: the probes take every branch) and the
-        points to evaluate. A preset's named runs search nothing: ``--set`` wins over their fields.
+        A grid's keys; for ``suggest``, every field that ``SEARCHED_PROBES`` proposals of a seeded
+        random sampler set, and the points to evaluate: a conditional field is found when a random
+        proposal takes its branch at least once in 64 (a branch rarer than that can be missed). A
+        preset's named runs search nothing: ``--set`` wins over their fields.
         """
         if self.points is not None:
             return set()
