@@ -217,7 +217,7 @@ def training_curves(
     few = len(curves) <= MAX_LEGEND
     # Many trials are coloured by whichever of method and perturbation vary (load_history drops a fixed one).
     group_by = [] if few else [c for c in ("method", "perturbation") if c in rows.columns]
-    colours, labels = _curve_styles(curves, group_by)
+    colours, labels, legend_order = _curve_styles(curves, group_by)
     epochs = sorted(rows["epoch"].unique())
     for ax, metric in zip(axes, metrics, strict=False):
         for curve, colour, label in zip(curves, colours, labels, strict=True):
@@ -235,8 +235,7 @@ def training_curves(
     if few or group_by:
         handles, names = axes[0].get_legend_handles_labels()
         unique = dict(zip(names, handles, strict=True))  # one entry per group when coloured by group
-        if group_by:  # groups in the tables' order, which their colours C0, C1, ... follow
-            unique = dict(sorted(unique.items(), key=lambda item: int(item[1].get_color()[1:])))
+        unique = {name: unique[name] for name in legend_order}
         fig.legend(unique.values(), unique.keys(), loc="outside lower center", ncols=min(3, len(unique)), fontsize="small")
     if not few:
         how = f", coloured by {' and '.join(group_by)}" if group_by else " (legend left out)"
@@ -244,16 +243,17 @@ def training_curves(
     return fig
 
 
-def _curve_styles(curves: list[pd.DataFrame], group_by: list[str]) -> tuple[list[str], list[str]]:
-    """A colour and a legend label per trial: its own (no ``group_by``), or its group's, the groups
-    being its values of ``group_by`` (method, perturbation, or both), in the tables' order."""
+def _curve_styles(curves: list[pd.DataFrame], group_by: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """A colour and a legend label per trial, and the legend's labels in order: each trial its own
+    (no ``group_by``), or its group's, the groups being its values of ``group_by`` (method,
+    perturbation, or both), in the tables' order."""
     if not group_by:
-        return [f"C{i % 10}" for i in range(len(curves))], [_trial_label(c) for c in curves]
+        labels = [_trial_label(c) for c in curves]
+        return [f"C{i % 10}" for i in range(len(curves))], labels, labels
     keys = [_group_key(c, group_by) for c in curves]
-    order = {
-        key: i for i, key in enumerate(k for k, _ in _in_paper_order(pd.DataFrame(keys, columns=["method", "perturbation"])))
-    }
-    return [f"C{order[k] % 10}" for k in keys], [_group_label(*k) for k in keys]
+    ordered = [k for k, _ in _in_paper_order(pd.DataFrame(keys, columns=["method", "perturbation"]))]
+    rank = {key: i for i, key in enumerate(ordered)}
+    return [f"C{rank[k] % 10}" for k in keys], [_group_label(*k) for k in keys], [_group_label(*k) for k in ordered]
 
 
 def _group_key(curve: pd.DataFrame, group_by: list[str]) -> tuple[str, str]:
@@ -266,10 +266,8 @@ def _group_key(curve: pd.DataFrame, group_by: list[str]) -> tuple[str, str]:
 def _group_label(method: str, perturbation: str) -> str:
     if method == "sgd":
         return "SGD"
-    if not perturbation:
-        return METHOD_LABELS.get(method, method)
-    if not method:
-        return PERTURBATION_LABELS.get(perturbation, perturbation)
+    if not (method and perturbation):
+        return _hue_label("method", method) if method else _hue_label("perturbation", perturbation)
     return _series_label(method, perturbation)
 
 
@@ -305,13 +303,12 @@ def _trial_label(curve: pd.DataFrame) -> str:
     first = curve.iloc[0]
     parts = [str(first["trial_id"])]
     sgd = "method" in curve.columns and str(first["method"]) == "sgd"
+    perturbation = _hue_label("perturbation", first["perturbation"]) if "perturbation" in curve.columns else None
     if "method" in curve.columns:
-        method = METHOD_LABELS.get(str(first["method"]), str(first["method"]))
-        has_pert = "perturbation" in curve.columns and not sgd
-        pert = f"/{PERTURBATION_LABELS.get(str(first['perturbation']), first['perturbation'])}" if has_pert else ""
-        parts.append(method + pert)
-    elif "perturbation" in curve.columns:
-        parts.append(PERTURBATION_LABELS.get(str(first["perturbation"]), str(first["perturbation"])))
+        method = _hue_label("method", first["method"])
+        parts.append(method if sgd or perturbation is None else f"{method}/{perturbation}")
+    elif perturbation is not None:
+        parts.append(perturbation)
     if not sgd:
         parts += [
             f"{name}={_short(first[col])}"

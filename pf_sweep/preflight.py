@@ -512,13 +512,13 @@ def planned_configs(space: Any, settings: Any, base: dict[str, Any]) -> list[Any
 def check_overrides_fixed(space: Any, overrides: dict[str, Any]) -> None:
     """A ``--set`` of a field the space searches would be replaced by each trial's searched value
     without a word, and the sweep would train something else than asked: refused, saying which."""
-    searched = getattr(space, "searched_fields", None)
-    clash = sorted(set(overrides) & searched()) if searched is not None else []
+    searched = space.searched_fields() if hasattr(space, "searched_fields") else set()
+    clash = sorted(set(overrides) & searched)
     if clash:
         fields = ", ".join(clash)
         raise ValueError(
             f"Invalid --set {fields}: space {space.name!r} searches {'it' if len(clash) == 1 else 'them'} "
-            f"(it searches {', '.join(sorted(searched()))}); --set fixes only the fields a space leaves fixed. "
+            f"(it searches {', '.join(sorted(searched))}); --set fixes only the fields a space leaves fixed. "
             "To fix a searched field, use or write a space that leaves it fixed (see search_spaces/)"
         )
 
